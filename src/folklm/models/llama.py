@@ -1,0 +1,187 @@
+"""Llama 1/2/3.x, Mistral and Qwen2: the decoder-only transformer of the open-model era.
+
+LLaMA (Touvron et al., 2023, arXiv:2302.13971): pre-norm RMSNorm, SwiGLU MLP, rotary
+position embeddings, no biases. Llama 2 adds grouped-query attention (GQA, Ainslie et al.,
+2023, arXiv:2305.13245) for the large sizes; Llama 3.1 adds ``llama3`` RoPE scaling; 3.2
+ties the input embedding and the LM head. Mistral 7B (arXiv:2310.06825) is the same block
+with a sliding attention window; Qwen2 (arXiv:2407.10671) adds biases to q/k/v.
+
+Parameter names are the Hugging Face names, so a ``model.safetensors`` loads as is and
+PEFT adapters address the same modules.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from folklm.cache import KVCache
+from folklm.config import ModelConfig
+from folklm.ops.attention import attention, build_mask
+from folklm.ops.rope import RotaryEmbedding, apply_rotary
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm (Zhang & Sennrich, 2019), computed in float32."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        bias = config.attention_bias
+        C = config.hidden_size
+        self.q_proj = nn.Linear(C, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(C, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(C, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, C, bias=False)
+
+    def forward(self, x, cos, sin, cache: KVCache | None, mask, causal: bool):
+        B, T, _ = x.shape
+        # (B, T, H*D) -> (B, H, T, D)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, H_kv, S, D)
+        y = attention(q, k, v, mask, causal)  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward (Shazeer, 2020, arXiv:2002.05202)."""
+
+    def __init__(self, config: ModelConfig, intermediate_size: int | None = None):
+        super().__init__()
+        C, F_ = config.hidden_size, intermediate_size or config.intermediate_size
+        self.gate_proj = nn.Linear(C, F_, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(C, F_, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(F_, C, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer_idx: int,
+        mlp: nn.Module | None = None,
+        mlp_name: str = "mlp",
+    ):
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.sliding_window = layer_sliding_window(config, layer_idx)
+        # Mixtral's checkpoint calls the feed-forward "block_sparse_moe"; keep HF names.
+        self.mlp_name = mlp_name
+        setattr(self, mlp_name, mlp if mlp is not None else MLP(config))
+
+    def forward(self, x, cos, sin, cache, masks: dict, causal: bool):
+        mask = masks[self.sliding_window]
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask, causal)
+        return x + getattr(self, self.mlp_name)(self.post_attention_layernorm(x))
+
+
+def layer_sliding_window(config: ModelConfig, layer_idx: int) -> int | None:
+    """The attention window of one layer: Mistral uses it everywhere, Qwen2 per layer_types."""
+    if config.sliding_window is None:
+        return None
+    layer_types = config.extra.get("layer_types")
+    if layer_types is not None:
+        return config.sliding_window if layer_types[layer_idx] == "sliding_attention" else None
+    if config.model_type == "qwen2":
+        first = config.extra.get("max_window_layers", config.num_hidden_layers)
+        return config.sliding_window if layer_idx >= first else None
+    return config.sliding_window
+
+
+class DecoderModel(nn.Module):
+    """The stack: embeddings, decoder layers, final norm (HF's ``model.`` prefix)."""
+
+    def __init__(self, config: ModelConfig, make_layer=DecoderLayer):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(make_layer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+
+class CausalLM(nn.Module):
+    """Decoder + LM head. ``forward`` runs with or without a KV cache.
+
+    Without a cache, ``input_ids`` is the whole sequence (training, parity tests). With a
+    cache, ``input_ids`` continues the cached sequence: its tokens go to slots
+    ``cache.length ...`` and the cache advances by T afterwards.
+    """
+
+    def __init__(self, config: ModelConfig, make_layer=DecoderLayer):
+        super().__init__()
+        self.config = config
+        self.model = DecoderModel(config, make_layer)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.windows = sorted(
+            {layer.sliding_window for layer in self.model.layers}, key=lambda w: w or 0
+        )
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        position_ids: torch.Tensor | None = None,
+        pad_mask: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab) in float32, or (B, 1, vocab) when ``last_only``.
+
+        Args:
+            input_ids: (B, T) token ids.
+            cache: KV cache to read and extend, or None for a full forward pass.
+            position_ids: (B, T) RoPE positions; default: slot indices.
+            pad_mask: (B, S) bool over key slots, False on padding (overrides
+                ``cache.pad_mask``).
+            last_only: compute the LM head for the last position only (generation).
+        """
+        B, T = input_ids.shape
+        start = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(start, start + T).expand(B, T)
+        if pad_mask is None and cache is not None:
+            pad_mask = cache.pad_mask
+        x = self.model.embed_tokens(input_ids)  # (B, T, C)
+        cos, sin = self.model.rotary_emb(position_ids, x.dtype)
+        kv_len = start + T
+        masks = {w: build_mask(start, T, kv_len, pad_mask, w) for w in self.windows}
+        causal = start == 0  # no cache prefix: plain causal attention over T keys
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, cache, masks, causal)
+        if cache is not None:
+            cache.advance(T)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.model.norm(x)).float()
+
+
+def build(config: ModelConfig) -> CausalLM:
+    return CausalLM(config)

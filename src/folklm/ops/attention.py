@@ -1,0 +1,64 @@
+"""Attention masks and scaled dot-product attention over a KV cache.
+
+Keys live in cache *slots*; with left padding every row of a batch writes its tokens to the
+same slots, so slot distance equals position distance among real tokens. Masks are built
+over slots: causal (a query sees slots up to its own), padding (never attend to a pad
+slot) and the sliding window of Mistral (Jiang et al., 2023, arXiv:2310.06825): a query at
+slot q sees key slot k only when ``q - k < sliding_window``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def build_mask(
+    q_start: int,
+    q_len: int,
+    kv_len: int,
+    pad_mask: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+) -> torch.Tensor | None:
+    """Boolean mask (B|1, 1, q_len, kv_len), True = attend; None when plain causal suffices.
+
+    Args:
+        q_start: cache slot of the first query token.
+        q_len: number of query tokens.
+        kv_len: number of key slots attended over (``q_start + q_len``).
+        pad_mask: (B, kv_len) bool, False where the slot holds padding.
+        sliding_window: Mistral-style window size, or None.
+    """
+    window_active = sliding_window is not None and kv_len > sliding_window
+    if pad_mask is None and not window_active and (q_len == 1 or q_start == 0):
+        return None  # one query sees every cached key, or plain causal over a fresh sequence
+    q_slots = torch.arange(q_start, q_start + q_len)[:, None]  # (T, 1)
+    k_slots = torch.arange(kv_len)[None, :]  # (1, S)
+    mask = k_slots <= q_slots  # (T, S)
+    if window_active:
+        mask = mask & (q_slots - k_slots < sliding_window)
+    mask = mask[None, None]  # (1, 1, T, S)
+    if pad_mask is not None:
+        mask = mask & pad_mask[:, None, None, :kv_len]
+        # A pad query would see no key at all and SDPA would return NaN, which then sits in
+        # the cache as a (masked) value and poisons 0 * NaN products: let it see itself.
+        mask = mask | (k_slots == q_slots)[None, None]
+    return mask
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    causal: bool,
+) -> torch.Tensor:
+    """SDPA with grouped-query attention: q (B, H, T, D), k/v (B, H_kv, S, D) -> (B, H, T, D)."""
+    n_rep = q.shape[1] // k.shape[1]
+    if n_rep > 1:
+        # (B, H_kv, S, D) -> (B, H, S, D): each kv head serves n_rep query heads
+        k = k.repeat_interleave(n_rep, dim=1)
+        v = v.repeat_interleave(n_rep, dim=1)
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
