@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 
@@ -26,6 +27,24 @@ def build_model(config: ModelConfig, device: str | torch.device = "meta") -> lla
         raise ConfigError(
             f"unsupported model_type {config.model_type!r}; folklm supports: {', '.join(BUILDERS)}"
         )
-    with torch.device(device):
+    with torch.device(device), _skip_init(str(device) == "meta"):
         model = builder(config)
     return model
+
+
+@contextmanager
+def _skip_init(active: bool):
+    """Skip weight initialisation on ``meta``: the weights are assigned right after, and
+    ``normal_`` on meta tensors pulls in torch's reference kernels (over a second)."""
+    if not active:
+        yield
+        return
+    names = ["normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "zeros_", "ones_"]
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.nn.init, n, f)

@@ -24,7 +24,8 @@ from folklm.errors import ConfigError
 def inv_frequencies(config: ModelConfig, dim: int | None = None) -> torch.Tensor:
     """Inverse frequencies ``theta^(-2i/d)`` after the config's scaling, in float64 -> float32."""
     dim = dim or config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    steps = torch.arange(0, dim, 2, dtype=torch.float64, device="cpu")  # never on meta
+    inv_freq = 1.0 / (config.rope_theta ** (steps / dim))
     rope_type = config.rope_type
     scaling = config.rope_scaling or {}
     if rope_type == "default":

@@ -1,0 +1,274 @@
+"""``folk``: the command line. Each command is a thin wrapper over library functions.
+
+User mistakes (``FolkError``, bad flags) print one line, ``folk: error: ...``, and exit
+with status 1 (2 for a bad command line); they never print a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import click
+
+from folklm.errors import FolkError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="folklm")
+def app() -> None:
+    """folklm: run open-weight language models on your own machine."""
+
+
+def sampling_options(max_tokens_default: int):
+    """The sampling flags shared by run and chat."""
+
+    def wrap(f):
+        options = [
+            click.option(
+                "--max-tokens",
+                "-n",
+                type=click.IntRange(min=0),
+                default=max_tokens_default,
+                show_default=True,
+                help="Most tokens to generate.",
+            ),
+            click.option(
+                "--temperature",
+                "-t",
+                type=click.FloatRange(min=0.0),
+                default=0.0,
+                show_default=True,
+                help="Sampling temperature; 0 = greedy.",
+            ),
+            click.option(
+                "--top-k",
+                type=click.IntRange(min=0),
+                default=0,
+                show_default=True,
+                help="Keep only the k most likely tokens (0 = off).",
+            ),
+            click.option(
+                "--top-p",
+                type=click.FloatRange(0.0, 1.0, min_open=True),
+                default=1.0,
+                show_default=True,
+                help="Nucleus sampling: smallest set with this mass.",
+            ),
+            click.option(
+                "--min-p",
+                type=click.FloatRange(0.0, 1.0, max_open=True),
+                default=0.0,
+                show_default=True,
+                help="Drop tokens below min-p x the top probability.",
+            ),
+            click.option(
+                "--repetition-penalty",
+                type=click.FloatRange(min=0.0, min_open=True),
+                default=1.0,
+                show_default=True,
+                help="Penalise seen tokens (1 = off).",
+            ),
+            click.option(
+                "--seed", type=int, default=None, help="Random seed: same seed, same text."
+            ),
+            click.option(
+                "--dtype",
+                type=click.Choice(["float32", "bfloat16"]),
+                default="float32",
+                show_default=True,
+                help="Compute dtype (bfloat16: faster, half the memory).",
+            ),
+            click.option(
+                "--allow-pickle",
+                is_flag=True,
+                help="Accept pickled *.bin weights (torch.load with weights_only=True).",
+            ),
+        ]
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return wrap
+
+
+def _params(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop):
+    from folklm.ops.sampling import SamplingParams
+
+    return SamplingParams(
+        max_new_tokens=max_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        stop=list(stop or []),
+    ).validate()
+
+
+@app.command(context_settings={"ignore_unknown_options": False})
+@click.argument("args", nargs=-1, required=True, metavar="[MODEL] PROMPT")
+@click.option(
+    "--chat/--no-chat",
+    default=None,
+    help="Use the model's chat template (default: when it has one).",
+)
+@click.option("--system", default=None, help="System message (chat mode).")
+@click.option("--stop", multiple=True, help="Stop when this text appears (repeatable).")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON object: text, token counts and timings."
+)
+@sampling_options(256)
+def run(
+    args,
+    chat,
+    system,
+    stop,
+    as_json,
+    max_tokens,
+    temperature,
+    top_k,
+    top_p,
+    min_p,
+    repetition_penalty,
+    seed,
+    dtype,
+    allow_pickle,
+) -> None:
+    """Answer PROMPT with a model, streaming the text as it is generated.
+
+    MODEL is a Hugging Face folder or a .gguf file; without it folklm uses the bundled
+    SmolLM2-135M-Instruct. Example: folk run "What is the capital of France?"
+    """
+    t_start = time.perf_counter()
+    if len(args) == 1:
+        model_path, prompt = None, args[0]
+    elif len(args) == 2:
+        model_path, prompt = args
+    else:
+        raise FolkError(f"expected [MODEL] PROMPT, got {len(args)} arguments")
+    if not prompt.strip():
+        raise FolkError('empty prompt: give some text, e.g. folk run "What is 2+2?"')
+    params = _params(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop)
+
+    import folklm
+    from folklm.engine.generate import Timings
+
+    llm = folklm.load(model_path, dtype=dtype, allow_pickle=allow_pickle)
+    use_chat = llm.tokenizer.chat_template is not None if chat is None else chat
+    if use_chat:
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": prompt}
+        ]
+        prompt_ids = llm.tokenizer.encode_chat(messages)
+        source = messages
+    else:
+        prompt_ids = llm.tokenizer.encode(prompt)
+        source = prompt
+    timings = Timings()
+    pieces: list[str] = []
+    ttft = None
+    for piece in llm.stream(source, params, chat=use_chat, timings=timings):
+        if ttft is None:
+            ttft = time.perf_counter() - t_start
+        pieces.append(piece)
+        if not as_json:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    text = "".join(pieces)
+    if as_json:
+        out = {
+            "model": llm.source,
+            "text": text,
+            "prompt_tokens": len(prompt_ids),
+            "completion_tokens": timings.generated_tokens,
+            "prefill_tokens_per_s": round(timings.prefill_tps, 2),
+            "decode_tokens_per_s": round(timings.decode_tps, 2),
+            "load_seconds": round(llm.load_seconds, 3),
+            "time_to_first_token_s": round(ttft, 3) if ttft is not None else None,
+            "process_time_to_first_token_s": _since_process_start(ttft, t_start),
+            "dtype": str(llm.dtype).removeprefix("torch."),
+            "chat": use_chat,
+        }
+        print(json.dumps(out, ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+        click.secho(
+            f"[{len(prompt_ids)} prompt + {timings.generated_tokens} generated tokens · "
+            f"prefill {timings.prefill_tps:.0f} tok/s · decode {timings.decode_tps:.1f} tok/s · "
+            f"load {llm.load_seconds:.2f}s]",
+            dim=True,
+            err=True,
+        )
+
+
+def _since_process_start(ttft: float | None, t_start: float) -> float | None:
+    """Seconds from the process's creation (interpreter + imports included) to token one."""
+    if ttft is None:
+        return None
+    import psutil
+
+    started = psutil.Process().create_time()
+    return round(time.time() - (time.perf_counter() - t_start - ttft) - started, 3)
+
+
+@app.command()
+@click.argument("model", required=False)
+@click.option("--system", default=None, help="System message.")
+@sampling_options(512)
+def chat(
+    model,
+    system,
+    max_tokens,
+    temperature,
+    top_k,
+    top_p,
+    min_p,
+    repetition_penalty,
+    seed,
+    dtype,
+    allow_pickle,
+) -> None:
+    """Chat with MODEL in the terminal (default: the bundled model).
+
+    The conversation is kept between turns. Type /reset to start over, /exit to quit.
+    """
+    params = _params(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, [])
+    import folklm
+
+    llm = folklm.load(model, dtype=dtype, allow_pickle=allow_pickle)
+    if llm.tokenizer.chat_template is None:
+        raise FolkError(f"{llm.source} has no chat template; use 'folk run --no-chat' instead")
+    from folklm.engine.repl import ChatSession
+
+    ChatSession(llm, params, system).run(input_fn=input, write=_write)
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def main() -> None:
+    try:
+        app.main(prog_name="folk", standalone_mode=False)
+    except FolkError as e:
+        click.echo(f"folk: error: {e}", err=True)
+        sys.exit(1)
+    except click.exceptions.Abort:
+        click.echo("folk: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        msg = " ".join(e.format_message().split())
+        click.echo(f"folk: error: {msg}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
