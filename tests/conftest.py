@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny random ``transformers`` models saved in the real HF format."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+VOCAB = 128
+COMMON = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=VOCAB,
+    max_position_embeddings=256,
+    # Larger than HF's 0.02 so logits are O(1): a 1e-4 tolerance then means something.
+    initializer_range=0.2,
+)
+
+
+def hf_model(family: str):
+    """A tiny random transformers model of ``family`` (eval mode, float32)."""
+    import transformers as tf
+
+    if family == "llama":  # Llama 3.1 style: llama3 rope scaling, large theta
+        scaling = {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        }
+        cfg = tf.LlamaConfig(**COMMON, rope_scaling=scaling, rope_theta=500000.0)
+        model = tf.LlamaForCausalLM(cfg)
+    elif family == "llama_tied":  # Llama 3.2 style: tied embeddings
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**COMMON, tie_word_embeddings=True))
+    elif family == "mistral":  # window shorter than the test sequences
+        model = tf.MistralForCausalLM(tf.MistralConfig(**COMMON, sliding_window=6))
+    elif family == "mixtral":
+        cfg = tf.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2)
+        model = tf.MixtralForCausalLM(cfg)
+    elif family == "qwen2":
+        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**COMMON))
+    else:
+        raise ValueError(family)
+    return model.eval()
+
+
+def write_tiny_tokenizer(folder: Path, vocab_size: int = VOCAB) -> None:
+    """A word-level tokenizer over tokens t0..t{V-1}, with t1 = BOS and t2 = EOS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(folder / "tokenizer.json"))
+    config = {"bos_token": "t1", "eos_token": "t2", "pad_token": "t0"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """family -> (transformers model, folder saved with save_pretrained + tokenizer)."""
+    torch.manual_seed(1234)
+    cache: dict[str, tuple] = {}
+
+    def get(family: str):
+        if family not in cache:
+            model = hf_model(family)
+            folder = tmp_path_factory.mktemp(family)
+            model.save_pretrained(folder)
+            write_tiny_tokenizer(folder)
+            cache[family] = (model, folder)
+        return cache[family]
+
+    return get
