@@ -13,6 +13,7 @@ import json
 import mmap
 import os
 import struct
+import weakref
 from pathlib import Path
 
 import torch
@@ -76,6 +77,7 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         # nothing is written back to the file.
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     buf = torch.frombuffer(mm, dtype=torch.uint8)
+    _MAPPINGS[buf.data_ptr()] = (weakref.ref(mm), len(mm))
     tensors = {}
     for name, info in header.items():
         try:
@@ -96,6 +98,36 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             )
         tensors[name] = buf[start + lo : start + hi].view(dtype).view(shape)
     return tensors
+
+
+# Base address -> (weak reference to the mapping, its length). Weak: the mapping lives as
+# long as some tensor views it, and not a moment longer because of this table.
+_MAPPINGS: dict[int, tuple[weakref.ref, int]] = {}
+
+
+def release_pages(tensor: torch.Tensor) -> bool:
+    """Drop the resident pages of a tensor that is a view into a mapped checkpoint.
+
+    After a weight has been copied elsewhere (re-packed, converted), its file pages still
+    count in the process's RSS while the mapping lives. The mapping is private and never
+    written, so ``MADV_DONTNEED`` simply forgets the pages; touching them again re-reads
+    the file. Returns False (and does nothing) for tensors not in a mapping.
+    """
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    for base, (ref, length) in list(_MAPPINGS.items()):
+        mm = ref()
+        if mm is None:
+            del _MAPPINGS[base]
+            continue
+        if base <= start and end <= base + length:
+            page = mmap.PAGESIZE
+            lo = -(-(start - base) // page) * page  # whole pages inside the tensor only
+            hi = (end - base) // page * page
+            if hi > lo and hasattr(mm, "madvise"):
+                mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+            return True
+    return False
 
 
 def save_safetensors(

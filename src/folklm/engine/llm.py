@@ -165,6 +165,7 @@ def load(
     source: str | Path | None = None,
     dtype: str | torch.dtype = "float32",
     allow_pickle: bool = False,
+    fast: bool = True,
 ) -> LLM:
     """Load a model: a Hugging Face folder, a ``.gguf`` file, or None for the default model.
 
@@ -172,6 +173,8 @@ def load(
         source: path to a model folder or GGUF file; None loads the bundled default.
         dtype: compute dtype, ``float32`` or ``bfloat16`` (``float16`` is slow on CPUs).
         allow_pickle: accept pickled ``*.bin`` weights (loaded with ``weights_only=True``).
+        fast: re-pack linear weights for fast CPU inference (``engine.fast``); turn off to
+            get plain ``nn.Linear`` modules (e.g. to train or wrap them).
     """
     t0 = time.perf_counter()
     torch_dtype = parse_dtype(dtype)
@@ -200,4 +203,8 @@ def load(
         )
     else:
         raise CheckpointError(f"{path}: no such file or folder")
+    if fast:
+        from folklm.engine.fast import pack_linears
+
+        pack_linears(model)
     return LLM(model, tokenizer, gen_config, str(path), time.perf_counter() - t0)

@@ -53,12 +53,20 @@ def attention(
     mask: torch.Tensor | None,
     causal: bool,
 ) -> torch.Tensor:
-    """SDPA with grouped-query attention: q (B, H, T, D), k/v (B, H_kv, S, D) -> (B, H, T, D)."""
-    n_rep = q.shape[1] // k.shape[1]
-    if n_rep > 1:
-        # (B, H_kv, S, D) -> (B, H, S, D): each kv head serves n_rep query heads
-        k = k.repeat_interleave(n_rep, dim=1)
-        v = v.repeat_interleave(n_rep, dim=1)
-    if mask is not None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    """SDPA with grouped-query attention: q (B, H, T, D), k/v (B, H_kv, S, D) -> (B, H, T, D).
+
+    Query head h reads kv head ``h // n_rep`` (the grouping of HF's ``repeat_kv``). For a
+    single decode token the n_rep query heads of a group are stacked as n_rep "positions"
+    of one head, so no copy of the cache is made to repeat it.
+    """
+    B, H, T, D = q.shape
+    n_rep = H // k.shape[1]
+    if T == 1 and n_rep > 1:
+        q = q.reshape(B, k.shape[1], n_rep, D)  # (B, H_kv, n_rep, D)
+        if mask is not None:
+            mask = mask.reshape(mask.shape[0], 1, 1, mask.shape[-1])  # (B, 1, 1, S)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return y.reshape(B, H, 1, D)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal and mask is None, enable_gqa=n_rep > 1
+    )
