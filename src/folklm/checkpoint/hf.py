@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from folklm.checkpoint.safetensors_io import load_safetensors, save_safetensors
+from folklm.checkpoint.safetensors_io import load_safetensors, release_pages, save_safetensors
 from folklm.config import ModelConfig
 from folklm.errors import CheckpointError
 from folklm.models.registry import build_model
@@ -106,7 +106,11 @@ def materialize(
                 f"{source}: tensor {name!r} has shape {tuple(t.shape)}, "
                 f"config expects {tuple(expected[name].shape)}"
             )
-        state[name] = t if t.dtype == dtype else t.to(dtype)
+        if t.dtype == dtype:
+            state[name] = t
+        else:  # a converted copy: the file pages of the original are no longer needed
+            state[name] = t.to(dtype)
+            release_pages(t)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
         expected.pop("lm_head.weight")
