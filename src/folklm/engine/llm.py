@@ -161,6 +161,11 @@ class LLM:
         )
 
 
+def is_registry_name(text: str) -> bool:
+    """A bare ``name`` or ``name:tag`` (no path separator, no model-file suffix)."""
+    return bool(text) and "/" not in text and "\\" not in text and not text.endswith(".gguf")
+
+
 def load(
     source: str | Path | None = None,
     dtype: str | torch.dtype = "float32",
@@ -183,6 +188,10 @@ def load(
 
         source = default_model_folder()
     path = Path(source).expanduser()
+    if not path.exists() and is_registry_name(str(source)):
+        from folklm.hub.api import resolve_model  # the local hub: NAME[:TAG] -> files
+
+        path = resolve_model(str(source))
     if path.is_dir():
         config = read_config(path)
         tensors = read_weights(path, allow_pickle=allow_pickle)
