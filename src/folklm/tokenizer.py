@@ -3,8 +3,9 @@
 Chat templates are Jinja programs shipped inside model files written by strangers, so they
 are rendered in ``jinja2.sandbox.ImmutableSandboxedEnvironment`` (no attribute access to
 Python internals, no mutation of the passed objects), with the same environment settings
-and helpers (``raise_exception``, ``tojson``, ``strftime_now``) that transformers provides,
-so templates render identically.
+and helpers (``raise_exception``, ``tojson``, ``strftime_now``, ``{% break %}``,
+``{% generation %}``, ``tools=None``) that transformers provides, so templates render
+identically.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from jinja2 import TemplateError
+from jinja2 import TemplateError, nodes
 from jinja2.exceptions import TemplateSyntaxError
+from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -34,12 +36,35 @@ def _raise_exception(message: str):
     raise TemplateError(message)
 
 
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # transformers' filter: no HTML escaping (unlike Jinja's own tojson), separators exposed
+    return json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
+class _Generation(Extension):
+    """``{% generation %}...{% endgeneration %}``: transformers marks assistant text with it (for
+    its assistant-token masks); it renders its body unchanged."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.Scope(body).set_lineno(lineno)
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 @lru_cache(maxsize=16)
 def _compile_template(source: str):
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False, sort_keys=False: json.dumps(
-        x, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _Generation]
     )
+    env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(source)
@@ -83,9 +108,13 @@ class Tokenizer:
         for name in ("chat_template.jinja",):  # newer transformers save the template apart
             if (folder / name).is_file():
                 config["chat_template"] = (folder / name).read_text(encoding="utf-8")
-        if "chat_template" not in config and (folder / "chat_template.json").is_file():
-            data = json.loads((folder / "chat_template.json").read_text(encoding="utf-8"))
-            config["chat_template"] = data.get("chat_template")
+        legacy = folder / "chat_template.json"
+        if "chat_template" not in config and legacy.is_file():
+            try:
+                data = json.loads(legacy.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{legacy}: not valid JSON ({e})") from None
+            config["chat_template"] = data.get("chat_template") if isinstance(data, dict) else None
         return cls(hf, config, source=str(folder))
 
     def files(self) -> dict[str, str]:
@@ -136,21 +165,30 @@ class Tokenizer:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise FolkError(f"message {i} must be an object with 'role' and 'content'")
+        # As transformers: keys whose value is None are dropped (OpenAI clients send
+        # content=None beside tool_calls), and tools/documents are None unless given.
+        messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        variables = {
+            "bos_token": self.bos_token or "",
+            "eos_token": self.eos_token or "",
+            "pad_token": self.pad_token or "",
+            "unk_token": self.unk_token or "",
+            "tools": None,
+            "documents": None,
+            **kwargs,
+        }
+        where = f"chat template of {self.source or 'this model'}"
         try:
             template = _compile_template(self.chat_template)
             return template.render(
-                messages=messages,
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token or "",
-                eos_token=self.eos_token or "",
-                pad_token=self.pad_token or "",
-                unk_token=self.unk_token or "",
-                **kwargs,
+                variables, messages=messages, add_generation_prompt=add_generation_prompt
             )
         except TemplateSyntaxError as e:
-            raise FolkError(f"chat template of {self.source}: syntax error ({e})") from None
+            raise FolkError(f"{where}: syntax error ({_one_line(e)})") from None
         except TemplateError as e:
-            raise FolkError(f"chat template of {self.source}: {e}") from None
+            raise FolkError(f"{where}: {_one_line(e)}") from None
+        except Exception as e:  # noqa: BLE001 - a stranger's program failed (1/0, 'a' + 1, ...)
+            raise FolkError(f"{where}: {type(e).__name__}: {_one_line(e)}") from None
 
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True):
         """Token ids of the rendered conversation (the template adds BOS itself if needed)."""

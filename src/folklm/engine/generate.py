@@ -88,9 +88,12 @@ class StopMatcher:
         if not self.stops:
             out, self.pending = self.pending, ""
             return out, False
-        hits = [(self.pending.find(s), s) for s in self.stops if s in self.pending]
+        # Cut at the stop string that is complete first (earliest end; the longest if several end
+        # there), as if the text had come one character at a time: the result must not depend
+        # on how the text was split into deltas (stops "abcd" and "bc" over "abc" + "d").
+        hits = [(i + len(s), i) for s in self.stops if (i := self.pending.find(s)) >= 0]
         if hits:
-            cut = min(i for i, _ in hits)
+            _, cut = min(hits)
             out, self.pending = self.pending[:cut], ""
             return out, True
         hold = 0  # longest suffix of pending that is a prefix of some stop string

@@ -46,8 +46,11 @@ class SamplingParams:
         for ok, name, expected in checks:
             if not ok:
                 raise FolkError(f"{name}={getattr(self, name)!r} is invalid: expected {expected}")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise FolkError(f"stop={self.stop!r} is invalid: expected non-empty strings")
+        # a bare string would pass as a list of one-character stop strings
+        if not isinstance(self.stop, (list, tuple)) or any(
+            not isinstance(s, str) or not s for s in self.stop
+        ):
+            raise FolkError(f"stop={self.stop!r} is invalid: expected a list of non-empty strings")
         return self
 
     @property
