@@ -168,9 +168,8 @@ def main() -> None:
         }
         for name, r in (("folklm", f), ("transformers", t)):
             rows.append((dtype, name, r["prefill_tps"], r["decode_tps"], r["peak_rss_mb"]))
-    print(
-        f"{'dtype':<9} {'engine':<13} {'prefill tok/s':>13} {'decode tok/s':>12} {'peak RSS MB':>11}"
-    )
+    header = ("dtype", "engine", "prefill tok/s", "decode tok/s", "peak RSS MB")
+    print(f"{header[0]:<9} {header[1]:<13} {header[2]:>13} {header[3]:>12} {header[4]:>11}")
     for dtype, name, p, d, m in rows:
         print(f"{dtype:<9} {name:<13} {p:>13.1f} {d:>12.1f} {m:>11.0f}")
     for dtype in args.dtypes.split(","):
