@@ -194,6 +194,18 @@ def test_a_character_split_over_tokens_waits_for_its_last_byte(tokenizer):
     assert "".join(deltas) == "a 😀 b"
 
 
+def test_flush_at_the_end_of_a_run_releases_an_incomplete_character(tokenizer):
+    ids = tokenizer.encode("a 😀 b", add_special_tokens=False)
+    deltas = stream(tokenizer, ids)
+    emoji_at = next(k for k, d in enumerate(deltas) if "😀" in d)
+    cut = ids[:emoji_at]  # the run stops (max tokens) inside the emoji
+    detok = IncrementalDetokenizer(tokenizer)
+    held = "".join(detok.push(i) for i in cut)
+    rest = detok.flush()
+    assert rest and held + rest == tokenizer.decode(cut)
+    assert detok.flush() == ""  # nothing twice
+
+
 def test_random_token_sequences(tokenizer, seed):
     """Token sequences no tokenizer would produce from text (as a model may sample them): the
     output is a prefix of the full decoding, all of it unless that ends in an incomplete

@@ -74,6 +74,14 @@ class IncrementalDetokenizer:
             return text[len(prev) :]
         return ""
 
+    def flush(self) -> str:
+        """The held-back rest at the end of a run, even an incomplete character (U+FFFD),
+        so that the streamed text always equals ``decode(all ids)``."""
+        prev = self.tok.decode(self.ids[self.prefix : self.read])
+        text = self.tok.decode(self.ids[self.prefix :])
+        self.prefix = self.read = len(self.ids)
+        return text[len(prev) :] if len(text) > len(prev) else ""
+
 
 class StopMatcher:
     """Finds stop strings in streamed text and holds back text that may begin one."""
@@ -186,7 +194,8 @@ def generate_stream(
                 timings.generated_tokens += 1
                 if is_eos[b]:
                     res.token_ids.append(tokens[b])
-                    tail = stops[b].flush()
+                    more, hit = stops[b].feed(detok[b].flush())
+                    tail = more + ("" if hit else stops[b].flush())
                     res.text += tail
                     res.finish_reason, done[b] = "stop", True
                     events.append((b, tail, res))
@@ -197,10 +206,11 @@ def generate_stream(
                 if hit:
                     res.finish_reason, done[b] = "stop", True
                 elif step == params.max_new_tokens - 1:
-                    tail = stops[b].flush()
+                    more, hit = stops[b].feed(detok[b].flush())
+                    tail = more + ("" if hit else stops[b].flush())
                     out += tail
                     res.text += tail
-                    res.finish_reason, done[b] = "length", True
+                    res.finish_reason, done[b] = ("stop" if hit else "length"), True
                 events.append((b, out, res))
             yield events
             if all(done):

@@ -31,6 +31,10 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def validate(self) -> SamplingParams:
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise FolkError(f"{name}={value!r} is invalid: expected a number")
         checks = [
             (
                 isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0,
