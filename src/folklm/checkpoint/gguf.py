@@ -1,0 +1,298 @@
+"""Load a llama.cpp GGUF file as a Hugging Face-style checkpoint.
+
+GGUF (spec: ``docs/gguf.md`` in github.com/ggml-org/ggml) is one little-endian file: a header,
+typed key/value metadata (``general.*``, ``<arch>.*`` hyper-parameters, ``tokenizer.*``),
+tensor infos (name, GGML dims ``ne`` innermost first, encoding, offset) and the aligned tensor
+data. :func:`read_gguf` turns one into what the rest of folklm reads from a Hugging Face
+folder: a ``config.json`` dict, tensors under HF parameter names, a ``tokenizers.Tokenizer``,
+a ``tokenizer_config`` and a ``generation_config``.
+
+What the conversion undoes (see llama.cpp ``convert_hf_to_gguf.py``):
+
+* names: ``blk.N.attn_q.weight`` -> ``model.layers.N.self_attn.q_proj.weight`` and so on;
+  Mixtral's stacked ``ffn_*_exps`` tensors are split per expert (``w1`` gate, ``w2`` down,
+  ``w3`` up);
+* shapes: GGML lists dims innermost first, so the row-major shape is ``reversed(ne)``;
+* RoPE layout: for arch ``llama`` the converter permutes the rows of q/k from HF's "rotate
+  half" order to GGML's interleaved pairs (``LlamaModel.permute``); :func:`unpermute_rope`
+  inverts it. Qwen2 is stored unpermuted;
+* Llama 3.1 RoPE scaling, stored as a ``rope_freqs.weight`` tensor of per-frequency factors,
+  is turned back into the ``rope_scaling`` dict of ``config.json``.
+
+The file is read with ``gguf.GGUFReader`` (memory-mapped); tensors are dequantized by
+:mod:`folklm.checkpoint.gguf_quants`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+import torch
+from tokenizers import Tokenizer
+
+from folklm.checkpoint.gguf_config import config_from_metadata, generation_config
+from folklm.checkpoint.gguf_quants import BLOCK_SIZES, dequantize
+from folklm.checkpoint.gguf_reader import GGUFFileError, open_gguf, read_metadata
+from folklm.checkpoint.gguf_tokenizer import TokenizerMetadataError, build_tokenizer
+from folklm.errors import CheckpointError
+
+__all__ = ["GGUFCheckpoint", "dequantize", "read_gguf", "read_gguf_tokenizer", "unpermute_rope"]
+
+# GGUF name inside ``blk.N.`` -> HF name inside ``model.layers.N.``
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.bias": "self_attn.o_proj.bias",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+    "ffn_gate_inp.weight": "block_sparse_moe.gate.weight",
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_EXPERT_NAMES = {"ffn_gate": "w1", "ffn_down": "w2", "ffn_up": "w3"}  # Mixtral's names
+_IGNORED = re.compile(r"rope_freqs\.weight|blk\.\d+\.attn_rot_embd\.weight")
+_STACKED = re.compile(r"blk\.(\d+)\.(ffn_gate|ffn_up|ffn_down)_exps\.weight")
+_PER_EXPERT = re.compile(r"blk\.(\d+)\.(ffn_gate|ffn_up|ffn_down)\.(\d+)\.weight")
+_LAYER = re.compile(r"blk\.(\d+)\.(.+)")
+
+
+@dataclass
+class GGUFCheckpoint:
+    """A GGUF file in Hugging Face terms.
+
+    Attributes:
+        config: ``config.json``-style dict (``model_type`` llama, mixtral or qwen2).
+        tensors: HF parameter name -> tensor in the requested dtype (no ``lm_head.weight``
+            when the embeddings are tied).
+        tokenizer: the tokenizer rebuilt from the file's metadata.
+        tokenizer_config: ``tokenizer_config.json``-style dict (special token strings,
+            ``add_bos_token``/``add_eos_token``, ``chat_template``).
+        generation_config: ``bos_token_id``, ``eos_token_id`` (a list when the file names
+            several stop tokens), ``pad_token_id``.
+        metadata: the ``general.*`` fields, plus ``file_type`` (e.g. ``"Q4_1"``).
+    """
+
+    config: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    tokenizer: Tokenizer
+    tokenizer_config: dict[str, Any]
+    generation_config: dict[str, Any]
+    metadata: dict[str, Any]
+
+
+def unpermute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row permutation (inverse of ``LlamaModel.permute``).
+
+    The converter regroups each head's rows from HF's halves ``[x_0..x_{d/2-1}, y_0..]`` to
+    interleaved pairs ``[x_0, y_0, x_1, y_1, ...]``; this puts them back.
+    """
+    rows = w.shape[0]
+    # (n_head, 2, d/2, ...) was swapped to (n_head, d/2, 2, ...); swap back.
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def read_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> GGUFCheckpoint:
+    """Read a GGUF model file into Hugging Face names, shapes and config.
+
+    Args:
+        path: the ``.gguf`` file.
+        dtype: dtype of the returned tensors (quantized weights are dequantized).
+
+    Raises:
+        CheckpointError: the file is missing, not GGUF, truncated, of an unsupported
+            architecture or tensor encoding, or its tensors do not match its metadata.
+    """
+    path = Path(path)
+    reader = _open(path)
+    meta = read_metadata(reader)
+    infos = {t.name: t for t in reader.tensors}
+    config = config_from_metadata(path, meta, infos)
+    plan = _plan(path, config, infos)
+    tokenizer, tokenizer_config = _tokenizer(path, meta)
+
+    permute = meta["general.architecture"] == "llama"
+    n_heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+
+    def decode(name: str, info: Any, shape: tuple[int, ...]) -> torch.Tensor:
+        w = dequantize(info.data, info.tensor_type, shape)
+        if permute and (proj := name.rsplit(".", 2)[-2]) in n_heads:
+            w = unpermute_rope(w, n_heads[proj])
+        return w.to(dtype)
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name, w in _in_parallel(decode, plan):
+        if m := _STACKED.fullmatch(name):
+            layer, kind = m.group(1), _EXPERT_NAMES[m.group(2)]
+            prefix = f"model.layers.{layer}.block_sparse_moe.experts"
+            for e in range(w.shape[0]):
+                tensors[f"{prefix}.{e}.{kind}.weight"] = w[e]
+        else:
+            tensors[_hf_name(name)] = w
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    return GGUFCheckpoint(
+        config=config,
+        tensors=tensors,
+        tokenizer=tokenizer,
+        tokenizer_config=tokenizer_config,
+        generation_config=generation_config(meta),
+        metadata=_general_metadata(meta, infos),
+    )
+
+
+def _in_parallel(
+    decode: Callable[[str, Any, tuple[int, ...]], torch.Tensor], plan: dict[str, tuple]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, decode(name, info, shape))`` for every planned tensor, one tensor per core.
+
+    Each tensor is decoded by one Python thread with torch's intra-op threads set to 1 for the
+    duration: element-wise decoding is memory-bound, and intra-op (OpenMP) parallelism over
+    hundreds of small tensors stalls at a barrier whenever another process holds a core --
+    on a busy 2-core machine that made loading several times slower, not faster.
+    """
+    workers = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            jobs = [(name, pool.submit(decode, name, *item)) for name, item in plan.items()]
+            for name, job in jobs:
+                yield name, job.result()
+    finally:
+        torch.set_num_threads(workers)
+
+
+def read_gguf_tokenizer(path: str | os.PathLike) -> tuple[Tokenizer, dict[str, Any]]:
+    """Only the tokenizer and ``tokenizer_config`` of a GGUF file (works on vocab-only files)."""
+    path = Path(path)
+    return _tokenizer(path, read_metadata(_open(path)))
+
+
+def _open(path: Path) -> gguf.GGUFReader:
+    try:
+        return open_gguf(path)
+    except GGUFFileError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def _tokenizer(path: Path, meta: dict[str, Any]) -> tuple[Tokenizer, dict[str, Any]]:
+    try:
+        return build_tokenizer(meta)
+    except TokenizerMetadataError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def _hf_name(gguf_name: str) -> str | None:
+    """The HF name of a non-stacked GGUF tensor, or None if it is not one we know."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    if m := _PER_EXPERT.fullmatch(gguf_name):
+        layer, kind, e = m.groups()
+        return f"model.layers.{layer}.block_sparse_moe.experts.{e}.{_EXPERT_NAMES[kind]}.weight"
+    if (m := _LAYER.fullmatch(gguf_name)) and m.group(2) in _LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    return None
+
+
+def _expected_tensors(config: dict[str, Any], biases: bool) -> dict[str, tuple[int, ...]]:
+    """GGUF name -> row-major shape for every tensor the config implies."""
+    hidden, vocab = config["hidden_size"], config["vocab_size"]
+    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
+    q_rows = config["num_attention_heads"] * head_dim
+    kv_rows = config["num_key_value_heads"] * head_dim
+    ff = config["intermediate_size"]
+    experts = config.get("num_local_experts") or 0
+    out: dict[str, tuple[int, ...]] = {
+        "token_embd.weight": (vocab, hidden),
+        "output_norm.weight": (hidden,),
+    }
+    if not config["tie_word_embeddings"]:
+        out["output.weight"] = (vocab, hidden)
+    for i in range(config["num_hidden_layers"]):
+        b = f"blk.{i}."
+        out[b + "attn_norm.weight"] = (hidden,)
+        out[b + "ffn_norm.weight"] = (hidden,)
+        out[b + "attn_q.weight"] = (q_rows, hidden)
+        out[b + "attn_k.weight"] = (kv_rows, hidden)
+        out[b + "attn_v.weight"] = (kv_rows, hidden)
+        out[b + "attn_output.weight"] = (hidden, q_rows)
+        if biases:
+            out[b + "attn_q.bias"] = (q_rows,)
+            out[b + "attn_k.bias"] = (kv_rows,)
+            out[b + "attn_v.bias"] = (kv_rows,)
+            if config["model_type"] != "qwen2":  # HF Llama's attention_bias covers o_proj too
+                out[b + "attn_output.bias"] = (hidden,)
+        if experts:
+            out[b + "ffn_gate_inp.weight"] = (experts, hidden)
+            out[b + "ffn_gate_exps.weight"] = (experts, ff, hidden)
+            out[b + "ffn_up_exps.weight"] = (experts, ff, hidden)
+            out[b + "ffn_down_exps.weight"] = (experts, hidden, ff)
+        else:
+            out[b + "ffn_gate.weight"] = (ff, hidden)
+            out[b + "ffn_up.weight"] = (ff, hidden)
+            out[b + "ffn_down.weight"] = (hidden, ff)
+    return out
+
+
+def _plan(path: Path, config: dict[str, Any], infos: dict[str, Any]) -> dict[str, tuple]:
+    """Check every tensor before decoding any: GGUF name -> (tensor info, row-major shape)."""
+    expected = _expected_tensors(config, config.get("attention_bias", False))
+    # Old Mixtral files store one tensor per expert (blk.N.ffn_gate.E.weight) instead of stacks.
+    for name in list(expected):
+        m = _STACKED.fullmatch(name)
+        if m and name not in infos and f"blk.{m.group(1)}.{m.group(2)}.0.weight" in infos:
+            stacked = expected.pop(name)
+            for e in range(stacked[0]):
+                expected[f"blk.{m.group(1)}.{m.group(2)}.{e}.weight"] = stacked[1:]
+    plan = {}
+    for name, shape in expected.items():
+        info = infos.get(name)
+        if info is None:
+            raise CheckpointError(f"{path}: missing tensor {name!r} (needed by the metadata)")
+        actual = tuple(int(d) for d in reversed(info.shape.tolist()))
+        if actual != shape:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has shape {actual}, expected {shape} from the metadata"
+            )
+        if info.tensor_type not in BLOCK_SIZES:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} uses GGML type {info.tensor_type.name}, which folklm "
+                f"cannot decode (supported: {', '.join(t.name for t in BLOCK_SIZES)})"
+            )
+        plan[name] = (info, shape)
+    for name in infos:
+        if name not in expected and not _IGNORED.fullmatch(name):
+            raise CheckpointError(
+                f"{path}: unexpected tensor {name!r} for a {config['model_type']} model "
+                "(folklm does not implement the architecture variant that uses it)"
+            )
+    return plan
+
+
+def _general_metadata(meta: dict[str, Any], infos: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in meta.items() if k.startswith("general.")}
+    file_type = meta.get("general.file_type")
+    try:
+        out["file_type"] = gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_")
+    except ValueError:
+        # No (or an unknown) declared type: name the encoding of most of the 2-D weights.
+        counts = Counter(t.tensor_type.name for t in infos.values() if len(t.shape) > 1)
+        out["file_type"] = counts.most_common(1)[0][0] if counts else "unknown"
+    return out
