@@ -59,23 +59,17 @@ def pack_linears(model: nn.Module) -> nn.Module:
     """Swap every float32/bfloat16 ``nn.Linear`` for a ``PackedLinear``, in place."""
     if not packing_available():
         return model
+    # Weights that other modules still use (a tied embedding): their pages must stay.
+    shared = {
+        m.weight.data_ptr()
+        for m in model.modules()
+        if not isinstance(m, nn.Linear) and isinstance(getattr(m, "weight", None), torch.Tensor)
+    }
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and child.weight.dtype in (torch.float32, torch.bfloat16):
                 packed = PackedLinear(child)
-                if not _shared_elsewhere(model, child):
+                if child.weight.data_ptr() not in shared:
                     release_pages(child.weight)
                 setattr(parent, name, packed)
     return model
-
-
-def _shared_elsewhere(model: nn.Module, linear: nn.Linear) -> bool:
-    """Is this linear's weight also another module's (tied embeddings)?"""
-    ptr = linear.weight.data_ptr()
-    for m in model.modules():
-        if m is linear or isinstance(m, PackedLinear):
-            continue
-        w = getattr(m, "weight", None)
-        if isinstance(w, torch.Tensor) and w.data_ptr() == ptr:
-            return True
-    return False
