@@ -25,7 +25,8 @@ from folklm.ops.rope import RotaryEmbedding, apply_rotary
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm (Zhang & Sennrich, 2019, arXiv:1910.07467).
 
-    One fused kernel; it accumulates in float32 for bfloat16 inputs.
+    Normalised in float32, cast back, then scaled: the order transformers uses, so bfloat16
+    runs round the same way (and it is faster on CPU than ``F.rms_norm``'s composite).
     """
 
     def __init__(self, dim: int, eps: float):
@@ -34,7 +35,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
 
 
 class Attention(nn.Module):
@@ -50,18 +54,29 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(C, self.n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(C, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, C, bias=False)
+        # Inference may replace q/k/v by one fused projection (engine.fast); the state dict
+        # keeps the three HF names either way.
+        self.qkv_proj: nn.Module | None = None
 
     def forward(self, x, cos, sin, cache: KVCache | None, mask, causal: bool):
         B, T, _ = x.shape
-        # (B, T, H*D) -> (B, H, T, D)
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        H, H_kv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        if self.qkv_proj is not None:
+            qkv = self.qkv_proj(x).view(B, T, H + 2 * H_kv, D)
+            # rotate q and k heads in one go: (B, H + H_kv, T, D)
+            qk = apply_rotary(qkv[:, :, : H + H_kv].transpose(1, 2), cos, sin)
+            q, k = qk[:, :H], qk[:, H:]
+            v = qkv[:, :, H + H_kv :].transpose(1, 2)  # (B, H_kv, T, D)
+        else:
+            # (B, T, H*D) -> (B, H, T, D)
+            q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)
+            k = self.k_proj(x).view(B, T, H_kv, D).transpose(1, 2)
+            v = self.v_proj(x).view(B, T, H_kv, D).transpose(1, 2)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, H_kv, S, D)
         y = attention(q, k, v, mask, causal)  # (B, H, T, D)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
 
 
 class MLP(nn.Module):
@@ -73,8 +88,12 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(C, F_, bias=config.mlp_bias)
         self.up_proj = nn.Linear(C, F_, bias=config.mlp_bias)
         self.down_proj = nn.Linear(F_, C, bias=config.mlp_bias)
+        self.gate_up_proj: nn.Module | None = None  # fused gate + up (engine.fast), optional
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
