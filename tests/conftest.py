@@ -114,3 +114,82 @@ def default_llm():
     import folklm
 
     return folklm.load()
+
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def write_tiny_bpe_tokenizer(folder: Path, vocab_size: int) -> int:
+    """A byte-level BPE tokenizer (SmolLM-style: digits split, then GPT-2 bytes) trained on
+    Tiny Shakespeare, with ChatML special tokens; returns its vocabulary size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    text = (ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt").read_text()[:60000]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(text.splitlines(), trainer)
+    tok.save(str(folder / "tokenizer.json"))
+    config = {
+        "bos_token": "<|endoftext|>",
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "chat_template": CHATML,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return tok.get_vocab_size()
+
+
+@pytest.fixture(scope="session")
+def bpe_models(tmp_path_factory):
+    """family -> folder: a tiny random model (as ``hf_model``) whose vocabulary is a real
+    byte-level BPE tokenizer, so that it can be written as GGUF (word-level cannot)."""
+    import transformers as tf
+
+    cache: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in cache:
+            folder = tmp_path_factory.mktemp(f"bpe-{family}")
+            vocab = write_tiny_bpe_tokenizer(folder, 320)
+            torch.manual_seed(4321)
+            common = {**COMMON, "vocab_size": vocab, "bos_token_id": 0, "eos_token_id": 2}
+            if family == "llama":  # Llama 3.1 style rope scaling: written as rope_freqs
+                scaling = {
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 16,
+                }
+                cfg = tf.LlamaConfig(**common, rope_scaling=scaling, rope_theta=500000.0)
+                model = tf.LlamaForCausalLM(cfg)
+            elif family == "llama_tied":
+                model = tf.LlamaForCausalLM(tf.LlamaConfig(**common, tie_word_embeddings=True))
+            elif family == "qwen2":
+                model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**common))
+            elif family == "mixtral":
+                cfg = tf.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2)
+                model = tf.MixtralForCausalLM(cfg)
+            else:
+                raise ValueError(family)
+            model.eval().save_pretrained(folder)
+            cache[family] = folder
+        return cache[family]
+
+    return get

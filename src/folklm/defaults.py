@@ -75,11 +75,28 @@ def convert_gguf_to_folder(gguf_path: Path, folder: Path) -> Path:
 
 
 def default_model_folder() -> Path:
-    """The converted default model's folder, converting it on first use."""
+    """The converted default model's folder, converting it on first use.
+
+    The first use also registers it in the local hub as ``smollm2-135m-instruct:latest``
+    (files hard-linked, not copied); a hub that cannot be written only costs a warning.
+    """
     gguf_path = default_gguf_path()
     cache = folk_home() / "cache"
     folder = cache / f"{DEFAULT_NAME}-{_fingerprint(gguf_path)}"
     if not (folder / "model.safetensors").is_file():
         cache.mkdir(parents=True, exist_ok=True)
         convert_gguf_to_folder(gguf_path, folder)
+    _register_default(folder, gguf_path)
     return folder
+
+
+def _register_default(folder: Path, gguf_path: Path) -> None:
+    import sqlite3
+    import warnings
+
+    from folklm.hub.api import register_default_model
+
+    try:
+        register_default_model(folder, gguf_path)
+    except (OSError, sqlite3.Error, FolkError) as e:
+        warnings.warn(f"could not register {DEFAULT_NAME} in the local hub: {e}", stacklevel=3)

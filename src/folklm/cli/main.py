@@ -251,6 +251,11 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
+from folklm.cli.hub_cmds import register as _register_hub  # noqa: E402
+
+_register_hub(app)
+
+
 def main() -> None:
     try:
         app.main(prog_name="folk", standalone_mode=False)

@@ -1,0 +1,25 @@
+"""The local model hub: a content-addressed store of models with their history.
+
+Every model folklm imports or makes (quantize, tune, merge) is one *entry* under
+``$FOLK_HOME/hub``: its files are blobs named by their sha256 (a tokenizer shared by ten
+derivatives is stored once), and a SQLite catalogue records names and tags (``name:tag``,
+as in Ollama), files, lineage edges, licences, recipes and evaluation results.
+
+Modules, from the bottom up:
+
+* :mod:`~folklm.hub.names` -- ``name:tag`` references and their validation;
+* :mod:`~folklm.hub.store` -- blobs, the SQLite schema, atomic transactions, entry folders;
+* :mod:`~folklm.hub.modelinfo` -- what a folder or GGUF file holds, read without torch;
+* :mod:`~folklm.hub.licenses` -- licence detection, propagation and compatibility rules;
+* :mod:`~folklm.hub.license_files` -- finding a model's or a data set's licence in its files;
+* :mod:`~folklm.hub.catalogue` -- reading entries, their lineage and evaluations back;
+* :mod:`~folklm.hub.register` -- ``register_model``, the one writer of entries;
+* :mod:`~folklm.hub.maintenance` -- rm, tag, verify, gc, evaluations, the bundled model;
+* :mod:`~folklm.hub.api` -- the public functions the CLI, ``folklm.load`` and every
+  model-making operation call (``register_model``, ``resolve_model``, ``import_path``, ...);
+* :mod:`~folklm.hub.export`, :mod:`~folklm.hub.card`, :mod:`~folklm.hub.transparency` --
+  what leaves the hub: model folders and files, model cards, transparency reports.
+
+Nothing here imports torch until a model's tensors are needed (export), so catalogue
+commands start fast.
+"""
