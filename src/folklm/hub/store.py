@@ -216,7 +216,7 @@ class Store:
                 conn = sqlite3.connect(self.db_path, timeout=120, isolation_level=None)
                 conn.row_factory = sqlite3.Row
                 conn.execute("PRAGMA busy_timeout = 120000")
-                conn.execute("PRAGMA journal_mode = WAL")
+                _set_wal(conn)
                 # FULL: a committed entry survives a power cut, not only a killed process.
                 conn.execute("PRAGMA synchronous = FULL")
                 conn.execute("PRAGMA foreign_keys = ON")
@@ -436,3 +436,23 @@ class Store:
             "entry_folders": removed_entries,
             "temporary": removed_tmp,
         }
+
+
+def _set_wal(conn: sqlite3.Connection, patience: float = 120.0) -> None:
+    """Switch to WAL, retrying while another process holds the lock.
+
+    Changing the journal mode of a new database needs an exclusive lock, and SQLite answers
+    SQLITE_BUSY at once (without its busy handler) when two first connections race for it.
+    Once one of them has switched, the mode is persistent and the others see "wal".
+    """
+    deadline = time.monotonic() + patience
+    delay = 0.01
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) and "busy" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay + secrets.randbelow(1000) / 100_000)
+            delay = min(delay * 2, 0.5)
