@@ -1,0 +1,166 @@
+"""NF4: 4-bit NormalFloat weights with block-wise absmax scaling, the base of QLoRA.
+
+QLoRA (Dettmers et al., 2023, arXiv:2305.14314) stores a frozen base weight as 4-bit codes
+into the 16 "NormalFloat" levels: quantiles of N(0, 1) rescaled to [-1, 1], with an exact
+zero, so that normally distributed weights use every level about equally often (section 3,
+"4-bit NormalFloat"). The weight is flattened and cut into blocks of 64; each block is
+divided by its absolute maximum (its "quantization constant") and each value mapped to the
+nearest level. Double quantization (section 3, "Double Quantization") stores those fp32
+constants again in 8 bits with one fp32 scale per 256 of them, after subtracting their
+mean (they are all positive): 0.127 instead of 0.5 extra bits per weight. The paper uses
+8-bit floats for that second step; this module uses symmetric int8, which for centred
+constants of similar size has the finer grid.
+
+The levels are bitsandbytes' table (``create_normal_map(offset=0.9677083)``: 8 positive
+quantiles from ``norm.ppf(linspace(offset, 0.5, 9))``, 7 negative from
+``linspace(offset, 0.5, 8)``, and 0, divided by the largest).
+
+Stored: ``qweight`` uint8 (ceil(N*K/64)*32,), two codes per byte, the even element in the
+low nibble; ``absmax`` fp32 (blocks,) or, double-quantized, ``absmax_q`` int8 (blocks,),
+``absmax_scale`` fp32 (ceil(blocks/256),) and ``absmax_offset`` fp32 (1,). The forward pass
+dequantizes to the activations' dtype and multiplies (no packed kernel); QLoRA adds its
+trainable low-rank adapter on top of this frozen layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from folklm.quant.base import QuantizedLinear, compute_dtype
+from folklm.quant.int4 import pack_nibbles, unpack_nibbles
+
+# bitsandbytes' NF4 table (float32), ascending; index = stored code.
+NF4_LEVELS = (
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+)
+BLOCK_SIZE = 64
+DQ_BLOCK_SIZE = 256
+
+
+def nf4_levels() -> torch.Tensor:
+    return torch.tensor(NF4_LEVELS, dtype=torch.float32)
+
+
+def nf4_codes(x: torch.Tensor) -> torch.Tensor:
+    """Index (int64) of the nearest NF4 level for each value of ``x`` (values in [-1, 1])."""
+    levels = nf4_levels()
+    midpoints = (levels[1:] + levels[:-1]) / 2  # (15,) decision boundaries
+    return torch.bucketize(x.float(), midpoints)
+
+
+def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(blocks,) positive fp32 constants -> int8 codes, fp32 scales per 256, fp32 offset."""
+    offset = absmax.mean().reshape(1)
+    centred = absmax - offset
+    n = absmax.numel()
+    pad = (-n) % DQ_BLOCK_SIZE
+    blocks = F.pad(centred, (0, pad)).reshape(-1, DQ_BLOCK_SIZE)  # (n/256, 256)
+    amax = blocks.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    q = torch.round(blocks / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q.reshape(-1)[:n], scale, offset
+
+
+def double_dequantize(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    s = scale.repeat_interleave(DQ_BLOCK_SIZE)[: q.numel()]
+    return q.float() * s + offset
+
+
+class NF4Linear(QuantizedLinear):
+    """A frozen linear layer with NF4 weights (see the module docstring)."""
+
+    scheme = "nf4"
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        double_quant: bool = True,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.double_quant = double_quant
+        numel = in_features * out_features
+        blocks = -(-numel // BLOCK_SIZE)
+        kw = {"device": device}
+        q = torch.zeros(blocks * BLOCK_SIZE // 2, dtype=torch.uint8, **kw)
+        self.register_buffer("qweight", q)
+        if double_quant:
+            n2 = -(-blocks // DQ_BLOCK_SIZE)
+            self.register_buffer("absmax_q", torch.zeros(blocks, dtype=torch.int8, **kw))
+            self.register_buffer("absmax_scale", torch.ones(n2, **kw))
+            self.register_buffer("absmax_offset", torch.zeros(1, **kw))
+        else:
+            self.register_buffer("absmax", torch.ones(blocks, **kw))
+        # The dtype the weight is dequantized to when the activations do not say (dequantize()).
+        self.compute_dtype = dtype
+        self._init_bias(bias, dtype, device)
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, double_quant: bool = True, dtype: torch.dtype | None = None
+    ) -> NF4Linear:
+        """Quantize ``linear`` to NF4 (blocks of 64), optionally double-quantizing the
+        constants (8-bit, blocks of 256) as QLoRA does."""
+        w = linear.weight.detach()
+        N, K = w.shape
+        layer = cls(K, N, double_quant=double_quant, dtype=dtype or w.dtype, device="meta")
+        flat = w.float().reshape(-1)
+        pad = (-flat.numel()) % BLOCK_SIZE
+        blocks = F.pad(flat, (0, pad)).reshape(-1, BLOCK_SIZE)  # (blocks, 64)
+        absmax = blocks.abs().amax(dim=1)
+        absmax = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+        if double_quant:
+            layer.absmax_q, layer.absmax_scale, layer.absmax_offset = double_quantize(absmax)
+            # choose the codes against the constants as stored (a block whose constant
+            # rounded to 0 dequantizes to 0 whatever its codes)
+            absmax = layer._absmax()
+            absmax = torch.where(absmax != 0, absmax, torch.ones_like(absmax))
+        else:
+            layer.absmax = absmax
+        codes = nf4_codes(blocks / absmax[:, None]).to(torch.uint8)
+        layer.qweight = pack_nibbles(codes.reshape(1, -1)).reshape(-1)
+        layer._init_bias(linear.bias, w.dtype)
+        return layer
+
+    def _absmax(self) -> torch.Tensor:
+        if self.double_quant:
+            return double_dequantize(self.absmax_q, self.absmax_scale, self.absmax_offset)
+        return self.absmax
+
+    def codes(self) -> torch.Tensor:
+        """The NF4 codes of the flattened, padded weight, (blocks, 64) uint8."""
+        return unpack_nibbles(self.qweight.reshape(1, -1)).reshape(-1, BLOCK_SIZE)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        ct = compute_dtype(dtype or self.compute_dtype)
+        levels = nf4_levels().to(self.qweight.device, ct)
+        w = levels[self.codes().long()] * self._absmax().to(ct)[:, None]  # (blocks, 64)
+        w = w.reshape(-1)[: self.out_features * self.in_features]
+        return w.reshape(self.out_features, self.in_features).to(dtype or self.compute_dtype)
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantize(x.dtype))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", double_quant={self.double_quant}"

@@ -1,0 +1,33 @@
+"""Fixtures for quantization tests: a fresh random seed per test, the real model and data."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+@pytest.fixture
+def seed() -> int:
+    """A new seed every run, seeded into torch; put it in assertion messages."""
+    value = random.SystemRandom().randrange(2**31)
+    torch.manual_seed(value)
+    return value
+
+
+@pytest.fixture(scope="session")
+def wikitext() -> str:
+    return (DATA / "wikitext2_raw_test" / "wiki.test.raw").read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def load_default(default_llm):
+    """``load_default(dtype)``: a fresh, unpacked copy of the bundled model to quantize
+    (``default_llm`` converts it into this session's FOLK_HOME first)."""
+    import folklm
+
+    return lambda dtype="bfloat16": folklm.load(dtype=dtype, fast=False)
