@@ -105,7 +105,7 @@ def test_half_precision_rounds_like_torch(bpe_models, tmp_path):
 def test_atomic_write_leaves_no_partial_file(bpe_models, tmp_path):
     folder = bpe_models("llama")
     with pytest.raises(CheckpointError, match="unknown GGUF dtype"):
-        write(folder, tmp_path / "bad.gguf", dtype="q4_0")
+        write(folder, tmp_path / "bad.gguf", dtype="q3_k")
     assert list(tmp_path.iterdir()) == []
 
 

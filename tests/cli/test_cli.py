@@ -3,33 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import struct
-import subprocess
-import sys
 
 import pytest
-
-
-def folk(*args: str, input: str | None = None, env: dict | None = None):
-    return subprocess.run(
-        [sys.executable, "-m", "folklm.cli.main", *args],
-        capture_output=True,
-        text=True,
-        input=input,
-        timeout=300,
-        env={**os.environ, **(env or {})},
-    )
-
-
-def assert_one_line_error(proc, *words: str) -> None:
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("folk: error:"), lines[0]
-    for w in words:
-        assert w in lines[0], (w, lines[0])
+from clitest import assert_one_line_error, folk
 
 
 def test_run_streams_text_and_json(tiny_models):

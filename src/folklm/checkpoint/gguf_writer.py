@@ -40,6 +40,7 @@ from gguf import GGMLQuantizationType, GGUFValueType, LlamaFileType
 
 from folklm.checkpoint.gguf import _EXPERT_NAMES, _GLOBAL_NAMES, _LAYER_NAMES
 from folklm.checkpoint.gguf_config import _llama3_rope_factors
+from folklm.checkpoint.gguf_encode import Encoded, quantize_q4_0, quantize_q8_0
 from folklm.checkpoint.gguf_reader import GGUFFileError, open_gguf, read_metadata
 from folklm.checkpoint.gguf_tokenizer import (
     BYTE,
@@ -66,6 +67,14 @@ _DTYPES = {
     "f16": (GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
     "bf16": (GGMLQuantizationType.BF16, LlamaFileType.MOSTLY_BF16),
 }
+_QUANT = {
+    "q8_0": (GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0, quantize_q8_0),
+    "q4_0": (GGMLQuantizationType.Q4_0, LlamaFileType.MOSTLY_Q4_0, quantize_q4_0),
+}
+_FILE_TYPES = {q: ft for q, ft in _DTYPES.values()} | {q: ft for q, ft, _ in _QUANT.values()}
+# Embeddings and the output matrix stay at 8 bits in a Q4_0 file (llama.cpp keeps them at
+# Q6_K, which folklm does not encode).
+_HIGH_PRECISION = {"token_embd.weight", "output.weight"}
 _FROM_TORCH = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 # Texts that exercise pre-tokenization, digits, whitespace runs, bytes and non-Latin scripts.
 PROBES = (
@@ -162,9 +171,23 @@ def _rope_freqs(config: Mapping[str, Any], head_dim: int) -> np.ndarray | None:
     return factors.astype(np.float32)
 
 
-def _add(writer: gguf.GGUFWriter, name: str, t: torch.Tensor, dtype: str) -> GGMLQuantizationType:
+def _add(
+    writer: gguf.GGUFWriter, name: str, t: torch.Tensor | Encoded, dtype: str
+) -> GGMLQuantizationType:
     """Add one tensor; 1-D tensors stay F32 (llama.cpp computes norms and biases in F32)."""
-    kind = _FROM_TORCH.get(t.dtype, "f32") if dtype == "auto" else dtype
+    if isinstance(t, Encoded):  # blocks encoded by the caller (e.g. int8 codes as Q8_0)
+        writer.add_tensor(name, t.data, raw_shape=t.data.shape, raw_dtype=t.qtype)
+        return t.qtype
+    kind = _FROM_TORCH.get(t.dtype, "f32") if dtype in ("auto", *_QUANT) else dtype
+    if dtype in _QUANT and t.dim() >= 2:
+        if t.shape[-1] % 32:
+            kind = "f16"  # rows that are not whole blocks (llama.cpp also falls back)
+        else:
+            kind = "q8_0" if name in _HIGH_PRECISION else dtype
+            qtype, _, encode = _QUANT[kind]
+            data = encode(t)
+            writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
+            return qtype
     if t.dim() == 1:
         kind = "f32"
     qtype = _DTYPES[kind][0]
@@ -194,7 +217,9 @@ def write_gguf(
         tensors: HF parameter name -> tensor (un-permuted, as ``read_gguf`` returns them).
         tokenizer: a :class:`folklm.tokenizer.Tokenizer`.
         generation_config: ``bos_token_id``/``eos_token_id`` (a list: eos, eot, eom).
-        dtype: ``auto`` (each tensor's own float type), ``f32``, ``f16`` or ``bf16``.
+        dtype: ``auto`` (each tensor's own float type), ``f32``, ``f16``, ``bf16``, or the
+            block types ``q8_0`` / ``q4_0`` (llama.cpp's reference encoders; embeddings and
+            output at Q8_0). A tensor may also be given already encoded (``Encoded``).
         metadata: extra keys, e.g. ``{"general.license": "apache-2.0"}``; str, int, float,
             bool, or lists of one of them.
 
@@ -202,8 +227,10 @@ def write_gguf(
         CheckpointError: an architecture, tensor, RoPE variant or tokenizer GGUF cannot
             express.
     """
-    if dtype != "auto" and dtype not in _DTYPES:
-        raise CheckpointError(f"unknown GGUF dtype {dtype!r}; expected auto, f32, f16 or bf16")
+    if dtype != "auto" and dtype not in _DTYPES and dtype not in _QUANT:
+        raise CheckpointError(
+            f"unknown GGUF dtype {dtype!r}; expected auto, f32, f16, bf16, q8_0 or q4_0"
+        )
     arch = _gguf_arch(config)
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -216,7 +243,7 @@ def write_gguf(
         big = [t for t in types if t != GGMLQuantizationType.F32]
         file_type = LlamaFileType.ALL_F32
         if big:
-            file_type = next(ft for q, ft in _DTYPES.values() if q == max(set(big), key=big.count))
+            file_type = _FILE_TYPES[max(set(big), key=big.count)]
         writer.add_file_type(int(file_type))
         _add_metadata(writer, metadata or {})
         writer.write_header_to_file()
@@ -247,7 +274,11 @@ def _add_tensors(writer, arch, config, tensors, dtype, head_dim) -> list[GGMLQua
             continue
         g = _gguf_name(name)
         if arch == "llama" and (proj := g.rsplit(".", 2)[-2]) in n_heads:
-            t = permute_rope(t, n_heads[proj])
+            if isinstance(t, Encoded):  # rows of bytes permute like rows of weights
+                rows = permute_rope(torch.from_numpy(t.data), n_heads[proj]).numpy()
+                t = Encoded(rows, t.qtype)
+            else:
+                t = permute_rope(t, n_heads[proj])
         types.append(_add(writer, g, t, dtype))
     for (layer, kind), per_expert in sorted(experts.items(), key=lambda x: (int(x[0][0]), x[0][1])):
         stacked = torch.stack([per_expert[e] for e in sorted(per_expert)])  # (E, rows, cols)

@@ -19,6 +19,8 @@ from typing import Any
 
 import click
 
+from folklm.errors import FolkError
+
 
 def _print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
@@ -321,10 +323,11 @@ def lineage_cmd(name: str, as_json: bool) -> None:
 )
 @click.option(
     "--dtype",
-    type=click.Choice(["auto", "f32", "f16", "bf16"]),
+    type=click.Choice(["auto", "f32", "f16", "bf16", "q8_0", "q4_0"]),
     default="auto",
     show_default=True,
-    help="Tensor type when converting.",
+    help="Tensor type when converting (q8_0/q4_0: GGUF only; auto for a quantized entry: "
+    "q8_0 for int8, q4_0 for 4-bit schemes).",
 )
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the output path as JSON.")
@@ -332,8 +335,10 @@ def export_cmd(name: str, out: str, fmt: str, dtype: str, force: bool, as_json: 
     """Export a model as a Hugging Face folder (DIR) or a GGUF file (in DIR)."""
     from folklm.hub.export import export
 
-    dtypes = {"auto": "auto", "f32": "f32", "f16": "f16", "bf16": "bf16"}
+    dtypes = {k: k for k in ("auto", "f32", "f16", "bf16", "q8_0", "q4_0")}
     if fmt == "hf":
+        if dtype in ("q8_0", "q4_0"):
+            raise FolkError(f"--dtype {dtype} is a GGUF block type: use it with --format gguf")
         dtypes = {"auto": "auto", "f32": "float32", "f16": "float16", "bf16": "bfloat16"}
     path = export(name, out, fmt, dtype=dtypes[dtype], force=force)
     if as_json:

@@ -76,9 +76,9 @@ def sampling_options(max_tokens_default: int):
             click.option(
                 "--dtype",
                 type=click.Choice(["float32", "bfloat16"]),
-                default="float32",
-                show_default=True,
-                help="Compute dtype (bfloat16: faster, half the memory).",
+                default=None,
+                help="Compute dtype (bfloat16: faster, half the memory). Default: float32, "
+                "or the dtype a quantized model was saved in.",
             ),
             click.option(
                 "--allow-pickle",
@@ -254,6 +254,9 @@ def _write(text: str) -> None:
 from folklm.cli.hub_cmds import register as _register_hub  # noqa: E402
 
 _register_hub(app)
+from folklm.cli.quant_cmds import register as _register_quant  # noqa: E402
+
+_register_quant(app)
 
 
 def main() -> None:

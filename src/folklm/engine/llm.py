@@ -168,21 +168,24 @@ def is_registry_name(text: str) -> bool:
 
 def load(
     source: str | Path | None = None,
-    dtype: str | torch.dtype = "float32",
+    dtype: str | torch.dtype | None = None,
     allow_pickle: bool = False,
     fast: bool = True,
 ) -> LLM:
     """Load a model: a Hugging Face folder, a ``.gguf`` file, or None for the default model.
 
+    A folder whose ``config.json`` records a ``quantization_config`` (``folk quantize``) is
+    loaded as saved: integer weights stay integer, nothing is re-quantized.
+
     Args:
         source: path to a model folder or GGUF file; None loads the bundled default.
-        dtype: compute dtype, ``float32`` or ``bfloat16`` (``float16`` is slow on CPUs).
+        dtype: compute dtype, ``float32`` or ``bfloat16`` (``float16`` is slow on CPUs);
+            None: the dtype a quantized model was saved in, else ``float32``.
         allow_pickle: accept pickled ``*.bin`` weights (loaded with ``weights_only=True``).
         fast: re-pack linear weights for fast CPU inference (``engine.fast``); turn off to
             get plain ``nn.Linear`` modules (e.g. to train or wrap them).
     """
     t0 = time.perf_counter()
-    torch_dtype = parse_dtype(dtype)
     if source is None:
         from folklm.defaults import default_model_folder
 
@@ -195,12 +198,23 @@ def load(
     if path.is_dir():
         config = read_config(path)
         tensors = read_weights(path, allow_pickle=allow_pickle)
-        model = materialize(config, tensors, torch_dtype, str(path))
+        quantized = config.extra.get("quantization_config")
+        if quantized is not None:
+            from folklm.quant.api import cast_float_parts, materialize_quantized
+
+            saved = quantized.get("dtype", "float32") if isinstance(quantized, dict) else None
+            torch_dtype = parse_dtype(dtype or saved or "float32")
+            model = materialize_quantized(config, tensors, str(path))
+            cast_float_parts(model, torch_dtype)
+        else:
+            torch_dtype = parse_dtype(dtype or "float32")
+            model = materialize(config, tensors, torch_dtype, str(path))
         tokenizer = Tokenizer.from_folder(path)
         gen_config = read_generation_config(path)
     elif path.is_file() and path.suffix.lower() == ".gguf":
         from folklm.checkpoint.gguf import read_gguf
 
+        torch_dtype = parse_dtype(dtype or "float32")
         ckpt = read_gguf(path)
         config = ModelConfig.from_dict(ckpt.config)
         model = materialize(config, ckpt.tensors, torch_dtype, str(path))

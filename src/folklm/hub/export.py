@@ -66,8 +66,9 @@ def export(
         out: for ``hf`` the folder to create (it must not exist, or be empty); for
             ``gguf`` a ``.gguf`` file path or a folder to put ``<name>.gguf`` in.
         format: ``hf`` or ``gguf``.
-        dtype: GGUF tensor type for Hugging Face entries: ``auto`` (as stored), ``f32``,
-            ``f16``, ``bf16``; for ``hf`` from a GGUF entry ``auto`` means float32.
+        dtype: GGUF tensor type for Hugging Face entries: ``auto`` (as stored; Q8_0 for an
+            int8 entry, Q4_0 for an int4/NF4/GPTQ one), ``f32``, ``f16``, ``bf16``, ``q8_0``,
+            ``q4_0``; for ``hf`` from a GGUF entry ``auto`` means float32.
         force: overwrite an existing GGUF file or non-empty folder.
     """
     if format not in FORMATS:
@@ -171,7 +172,19 @@ def _export_gguf(
     from folklm.checkpoint.hf import read_config, read_generation_config, read_weights
 
     config = read_config(src)
-    tensors = read_weights(src)
+    scheme = config.extra.get("quantization_config")
+    if isinstance(scheme, dict):  # a folklm-quantized entry: Q8_0 / Q4_0 blocks
+        from folklm.engine.llm import load
+        from folklm.quant.export import default_gguf_type, gguf_tensors
+
+        if dtype == "auto":
+            dtype = default_gguf_type(str(scheme.get("scheme")))
+        model = load(src, dtype="float32", fast=False).model
+        tensors = gguf_tensors(model, dtype)
+        config.extra.pop("quantization_config")
+        config.torch_dtype = "float32"
+    else:
+        tensors = read_weights(src)
     tokenizer = Tokenizer.from_folder(src)
     return write_gguf(
         out,

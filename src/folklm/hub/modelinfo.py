@@ -167,6 +167,8 @@ def _folder_quantization(config: dict[str, Any], dtypes: Counter) -> str | None:
     for key in ("folklm_quantization", "quantization_config"):
         q = config.get(key)
         if isinstance(q, dict):
+            if q.get("quant_method") == "folklm" and q.get("scheme"):
+                return str(q["scheme"])  # already says its bits: int8, int4-g64, nf4 ...
             method = q.get("scheme") or q.get("quant_method") or "quantized"
             bits = q.get("bits") or q.get("w_bit")
             if q.get("load_in_4bit"):

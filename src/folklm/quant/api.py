@@ -301,3 +301,23 @@ def materialize_quantized(
     if not isinstance(qc, dict):
         raise CheckpointError(f"{source}: config.json has no quantization_config")
     return load_quantized(build_model(config, "meta"), tensors, qc, source)
+
+
+def cast_float_parts(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast the float parameters and buffers outside the quantized layers to ``dtype``.
+
+    Quantized layers keep their constants as saved (NF4's double-quantized scales lose
+    accuracy in bfloat16) and compute in their input's dtype; RoPE frequencies stay
+    float32, as in a model loaded in any dtype."""
+    inside = {id(q) for m in model.modules() if isinstance(m, QuantizedLinear) for q in m.modules()}
+    for m in model.modules():
+        if id(m) in inside:
+            continue
+        keep = isinstance(m, RotaryEmbedding)
+        for name, t in list(m.named_parameters(recurse=False)):
+            if t.is_floating_point() and t.dtype != dtype:
+                m._parameters[name] = nn.Parameter(t.detach().to(dtype), requires_grad=False)
+        for name, t in list(m.named_buffers(recurse=False)):
+            if t is not None and t.is_floating_point() and t.dtype != dtype and not keep:
+                m._buffers[name] = t.to(dtype)
+    return model
