@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import tempfile
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"  # the real public data sets (see its README)
 # llama.cpp's vocab files, fetched by tests/data/fetch_vocab.sh (README command (b)).
 os.environ.setdefault("FOLK_TEST_VOCAB_DIR", str(ROOT / ".cache" / "vocab"))
 # Tests never write into the user's ~/.folklm: one fresh home per test session (the bundled
@@ -69,6 +71,14 @@ def write_tiny_tokenizer(folder: Path, vocab_size: int = VOCAB) -> None:
     tok.save(str(folder / "tokenizer.json"))
     config = {"bos_token": "t1", "eos_token": "t2", "pad_token": "t0"}
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+@pytest.fixture
+def seed() -> int:
+    """A new seed every run, seeded into torch; put it in assertion messages."""
+    value = random.SystemRandom().randrange(2**31)
+    torch.manual_seed(value)
+    return value
 
 
 @pytest.fixture(scope="session")

@@ -19,13 +19,6 @@ from folklm.tokenizer import Tokenizer
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
-@pytest.fixture
-def seed() -> int:
-    value = random.SystemRandom().randrange(2**31)
-    torch.manual_seed(value)
-    return value
-
-
 def _text(seed: int, n: int) -> str:
     """Random words of the tiny word-level vocabulary (t3 .. t127)."""
     g = torch.Generator().manual_seed(seed)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import torch
+from clitest import assert_one_line_error, folk  # noqa: F401 (re-exported)
 from safetensors.torch import save_file
 
 SESSION_HOME = os.environ["FOLK_HOME"]  # set by tests/conftest.py; the default model lives here
@@ -31,17 +32,6 @@ print("done", flush=True)
 """
 
 
-def folk(*args: str, env: dict | None = None, timeout: float = 300):
-    """Run ``folk ARGS`` as a user would: a real process, the current FOLK_HOME."""
-    return subprocess.run(
-        [sys.executable, "-m", "folklm.cli.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
-
-
 def folk_parallel(*commands: tuple[str, ...], env: dict | None = None) -> list:
     """Run several independent ``folk`` commands at once (each pays torch's import time)."""
     procs = [
@@ -59,16 +49,6 @@ def folk_parallel(*commands: tuple[str, ...], env: dict | None = None) -> list:
         out, err = p.communicate(timeout=300)
         done.append(subprocess.CompletedProcess([*args], p.returncode, out, err))
     return done
-
-
-def assert_one_line_error(proc, *words: str) -> None:
-    assert proc.returncode != 0, proc.stdout
-    assert "Traceback" not in proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("folk: error:"), lines[0]
-    for w in words:
-        assert w in lines[0], (w, lines[0])
 
 
 def variant(base: Path, dest: Path, seed: int) -> Path:

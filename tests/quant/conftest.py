@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
-import torch
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
-
-
-@pytest.fixture
-def seed() -> int:
-    """A new seed every run, seeded into torch; put it in assertion messages."""
-    value = random.SystemRandom().randrange(2**31)
-    torch.manual_seed(value)
-    return value
 
 
 @pytest.fixture(scope="session")
