@@ -111,21 +111,10 @@ def worker_llama_cpp(path: str, max_tokens: int) -> dict:
     import numpy as np
     from llama_cpp import Llama
 
-    from folklm.eval.perplexity import windows
-
-    ids = json.loads(Path(os.environ["FOLK_BENCH_IDS"]).read_text())
+    # token ids and windows come from the parent: no torch in this process (fair RSS)
+    job = json.loads(Path(os.environ["FOLK_BENCH_IDS"]).read_text())
+    ids = job["ids"]
     threads = os.cpu_count() or 1
-    llm = Llama(path, n_ctx=1024, n_batch=1024, logits_all=True, n_threads=threads, verbose=False)
-    nll, n = 0.0, 0
-    for b, e, first in windows(len(ids), 1024, 512):
-        llm.reset()
-        llm.eval(ids[b:e])
-        logits = np.asarray(llm.scores[: e - b], dtype=np.float64)
-        logits -= logits.max(-1, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-        for pos in range(first, e):
-            nll -= logp[pos - 1 - b, ids[pos]]
-            n += 1
     prompt = ids[:128]
     gen = Llama(path, n_ctx=512, n_threads=threads, verbose=False)
     best = (0.0, 0.0)
@@ -139,10 +128,23 @@ def worker_llama_cpp(path: str, max_tokens: int) -> dict:
             gen.eval([token])
         t2 = time.perf_counter()
         best = max(best, (64 / (t2 - t1), len(prompt) / (t1 - t0)))
+    rss = peak_rss_mb()  # while generating (scoring below keeps all logits)
+    del gen
+    llm = Llama(path, n_ctx=1024, n_batch=1024, logits_all=True, n_threads=threads, verbose=False)
+    nll, n = 0.0, 0
+    for b, e, first in job["windows"]:
+        llm.reset()
+        llm.eval(ids[b:e])
+        logits = np.asarray(llm.scores[: e - b], dtype=np.float64)
+        logits -= logits.max(-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        for pos in range(first, e):
+            nll -= logp[pos - 1 - b, ids[pos]]
+            n += 1
     return {
         "decode_tps": best[0],
         "prefill_tps": best[1],
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": rss,
         "perplexity": math.exp(nll / n),
         "tokens": n,
     }
@@ -175,7 +177,10 @@ def quality_table(max_tokens: int, schemes: list[str]) -> list[dict]:
         wikitext()[: max_tokens * 8], add_special_tokens=False
     )
     ids_file = Path(home) / "ids.json"
-    ids_file.write_text(json.dumps(ids[:max_tokens]))
+    from folklm.eval.perplexity import windows
+
+    ids = ids[:max_tokens]
+    ids_file.write_text(json.dumps({"ids": ids, "windows": windows(len(ids), 1024, 512)}))
     env["FOLK_BENCH_IDS"] = str(ids_file)
     rows = [{"scheme": "bf16", "size_mb": None, "source": "float model, bfloat16"}]
     rows[0].update(run_worker("folklm", str(folder), "bfloat16", max_tokens, env))
