@@ -255,6 +255,10 @@ from folklm.cli.hub_cmds import register as _register_hub  # noqa: E402
 
 _register_hub(app)
 
+from folklm.cli.merge_cmds import register as _register_merge  # noqa: E402
+
+_register_merge(app)
+
 
 def main() -> None:
     try:
