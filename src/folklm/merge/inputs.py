@@ -68,7 +68,10 @@ def _locate(ref: str, where: str) -> tuple[Path, str | None]:
         from folklm.hub.api import resolve_model
         from folklm.hub.names import parse_ref
 
-        path = resolve_model(ref)
+        try:
+            path = resolve_model(ref)
+        except FolkError as e:
+            raise FolkError(f"{where}: {e}") from None
         registry = str(parse_ref(ref))
     if path.suffix.lower() == ".gguf":
         raise FolkError(
