@@ -73,3 +73,42 @@ def folk(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 def folk_json(*args: str) -> dict:
     out = folk(*args, "--json").stdout
     return json.loads(out)
+
+
+def write_random_llama(folder: Path, layers: int, seed: int, hidden: int = 1024) -> int:
+    """A random float32 Llama model of a few hundred MB, written without building it in
+    ``transformers`` (fast); returns its weight bytes."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    inter, vocab = hidden * 11 // 4, 8192
+    cfg = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "num_hidden_layers": layers,
+        "vocab_size": vocab,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+    }
+    (folder / "config.json").write_text(json.dumps(cfg))
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    shapes["lm_head.weight"] = (vocab, hidden)
+    for n in range(layers):
+        p = f"model.layers.{n}."
+        shapes[p + "input_layernorm.weight"] = (hidden,)
+        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
+        for x in "qkvo":
+            shapes[p + f"self_attn.{x}_proj.weight"] = (hidden, hidden)
+        shapes[p + "mlp.gate_proj.weight"] = (inter, hidden)
+        shapes[p + "mlp.up_proj.weight"] = (inter, hidden)
+        shapes[p + "mlp.down_proj.weight"] = (hidden, inter)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {k: torch.randn(s, generator=g) * 0.02 for k, s in shapes.items()}
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return sum(t.numel() * t.element_size() for t in tensors.values())

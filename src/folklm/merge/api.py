@@ -35,9 +35,7 @@ class MergeReport:
             "name": e.name,
             "hash": f"sha256:{e.digest}",
             "operation": e.operation,
-            "parents": [
-                {"name": p["name"], "content_hash": p["content_hash"]} for p in e.parents
-            ],
+            "parents": [{"name": p["name"], "content_hash": p["content_hash"]} for p in e.parents],
             "inputs": self.inputs,
             "tensors": self.stats.tensors,
             "bytes_written": self.stats.bytes_written,

@@ -146,10 +146,7 @@ def _split_ref(text: Any, where: str) -> tuple[str, str | None]:
 def _check_number(value: Any, where: str, key: str) -> None:
     def bad(v: Any) -> bool:
         return (
-            isinstance(v, bool)
-            or not isinstance(v, (int, float))
-            or math.isnan(v)
-            or math.isinf(v)
+            isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or math.isinf(v)
         )
 
     if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):

@@ -47,7 +47,18 @@ class MergeStats:
 
 
 def peak_rss_bytes() -> int:
-    """The process's peak resident set size so far (``getrusage`` ``ru_maxrss``)."""
+    """This process's peak resident set size so far.
+
+    Linux: ``VmHWM`` from ``/proc/self/status``, the high-water mark of the current
+    address space (``ru_maxrss`` would also count the parent's peak, which Linux carries
+    across ``fork`` + ``exec``). Elsewhere: ``getrusage`` ``ru_maxrss``.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 

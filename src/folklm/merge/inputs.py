@@ -94,9 +94,7 @@ def open_model(spec: InputModel, where: str) -> OpenModel:
         raise FolkError(f"{where}: {spec.ref}: no config.json (not a Hugging Face model folder)")
     if config.get("quantization_config"):
         raise FolkError(f"{where}: {spec.ref} holds quantized weights; merge float models")
-    tensors = {
-        k: v for k, v in read_weights(folder).items() if not k.endswith(_IGNORED_SUFFIXES)
-    }
+    tensors = {k: v for k, v in read_weights(folder).items() if not k.endswith(_IGNORED_SUFFIXES)}
     adapter = None
     if spec.adapter is not None:
         apath = Path(spec.adapter).expanduser()

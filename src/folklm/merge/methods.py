@@ -50,19 +50,47 @@ def linear(
     return out
 
 
+def magnitude_cut(delta: torch.Tensor, density: float) -> tuple[float, int]:
+    """Where TIES trims ``delta``: keep the ``k = max(1, int(density · n))`` largest
+    magnitudes, i.e. every entry with ``|δ| > cut`` plus the first ``ties`` entries (in
+    index order) with ``|δ| == cut``. Found by an in-place partial sort of one copy of
+    ``|δ|`` (no index tensor, unlike ``topk``/``argsort``)."""
+    n = delta.numel()
+    k = max(1, int(density * n))
+    mags = (
+        delta.detach()
+        .abs()
+        .reshape(-1)
+        .to(torch.float64 if delta.dtype == torch.float64 else torch.float32)
+    )
+    a = mags.numpy()
+    a.partition(n - k)  # a[n-k] is the k-th largest; everything after it is >= it
+    cut = a[n - k]
+    greater = int((a[n - k + 1 :] > cut).sum())
+    return float(cut), k - greater
+
+
+def _keep_mask(mags: torch.Tensor, cut: float, ties_left: int) -> tuple[torch.Tensor, int]:
+    """Entries of one chunk that survive :func:`magnitude_cut`; returns the ties still to
+    keep in later chunks."""
+    keep = mags > cut
+    if ties_left > 0:
+        eq = mags == cut
+        take = eq & (eq.cumsum(0) <= ties_left)
+        ties_left -= int(take.sum())
+        keep |= take
+    return keep, ties_left
+
+
 def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the ``max(1, int(density · n))`` largest-magnitude entries of ``delta``."""
     if density >= 1:
         return delta
-    n = delta.numel()
-    if density <= 0 or n == 0:
+    if density <= 0 or delta.numel() == 0:
         return torch.zeros_like(delta)
-    k = max(1, int(density * n))
-    flat = delta.reshape(-1)
-    keep = torch.topk(flat.abs(), k, sorted=False).indices
-    out = torch.zeros_like(flat)
-    out[keep] = flat[keep]
-    return out.view_as(delta)
+    cut, ties_left = magnitude_cut(delta, density)
+    keep, _ = _keep_mask(delta.abs().reshape(-1), cut, ties_left)
+    return (delta.reshape(-1) * keep).view_as(delta)
 
 
 def dare(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
@@ -144,22 +172,48 @@ def ties(
     lam: float = 1.0,
     normalize: bool = True,
     generators: Sequence[torch.Generator] | None = None,
+    chunk: int = 1 << 20,
 ) -> torch.Tensor:
-    """TIES-merging; with ``generators`` the trim step is DARE's random drop (DARE-TIES)."""
+    """TIES-merging; with ``generators`` the trim step is DARE's random drop (DARE-TIES).
+
+    The trim thresholds (or DARE's masks) are found over each whole task vector first;
+    election and disjoint merge then run over ``chunk`` elements at a time, so the
+    scratch memory is a few chunks rather than several copies of the tensor.
+    """
     dtype = _work_dtype(base)
-    b = base.to(dtype)
-    deltas = torch.empty((len(tensors), *b.shape), dtype=dtype)  # (n_models, *shape)
-    for i, t in enumerate(tensors):
-        delta = t.to(dtype) - b
+    n = base.numel()
+    b = base.reshape(-1)
+    xs = [t.reshape(-1) for t in tensors]
+    cuts: list[tuple[float, int] | None] = []
+    keeps: list[torch.Tensor | None] = []
+    for i, x in enumerate(xs):
+        d = densities[i]
         if generators is not None:
-            deltas[i] = dare(delta, densities[i], generators[i])
+            keeps.append(
+                torch.rand(n, generator=generators[i], dtype=torch.float32) < d if d < 1 else None
+            )
+        elif d < 1:
+            cuts.append(magnitude_cut(x.to(dtype) - b.to(dtype), d))
         else:
-            deltas[i] = trim(delta, densities[i])
-        del delta
+            cuts.append(None)
     w = torch.tensor([float(x) for x in weights], dtype=dtype)
-    deltas.mul_(w.reshape(-1, *([1] * b.dim())))
-    sign = elect_sign(deltas)
-    return b + lam * disjoint_merge(deltas, w, sign, normalize)
+    out = torch.empty(n, dtype=dtype)
+    ties_left = [c[1] if c is not None else 0 for c in cuts]
+    for s in range(0, n, chunk):
+        bc = b[s : s + chunk].to(dtype)
+        deltas = torch.stack([x[s : s + chunk].to(dtype) - bc for x in xs])  # (n_models, c)
+        for i in range(len(xs)):
+            if generators is not None:
+                if keeps[i] is not None:
+                    kept = keeps[i][s : s + chunk]
+                    deltas[i] = torch.where(kept, deltas[i] / densities[i], 0.0)
+            elif cuts[i] is not None:
+                keep, ties_left[i] = _keep_mask(deltas[i].abs(), cuts[i][0], ties_left[i])
+                deltas[i] *= keep
+        deltas.mul_(w.unsqueeze(1))
+        sign = elect_sign(deltas)
+        out[s : s + chunk] = bc + lam * disjoint_merge(deltas, w, sign, normalize)
+    return out.view(base.shape)
 
 
 def slerp(
