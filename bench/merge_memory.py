@@ -5,8 +5,8 @@ format) into a temporary folder, runs ``folk merge`` on them in a fresh process 
 method, and reads the merge's peak RSS (``getrusage`` ru_maxrss of that process, reported
 by ``folk merge --json``); also the peak of a process that only imports folklm and torch
 (the interpreter baseline) and of one that loads the three models fully with
-``safetensors.torch.load_file`` (what a non-streaming merge holds at least). Peaks are ``VmHWM`` of each process
-(``ru_maxrss`` of a child would include its parent's peak on Linux).
+``safetensors.torch.load_file`` (what a non-streaming merge holds at least). Peaks are
+``VmHWM`` of each process (``ru_maxrss`` of a child would include its parent's peak on Linux).
 
     PYTHONPATH=$PWD/src python bench/merge_memory.py [--layers 6] [--methods ties,linear]
 
@@ -63,7 +63,8 @@ def write_random_model(folder: Path, layers: int, seed: int) -> int:
     (folder / "config.json").write_text(json.dumps(cfg))
     h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     g = torch.Generator().manual_seed(seed)
-    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,), "lm_head.weight": (v, h)}
+    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
+    shapes["lm_head.weight"] = (v, h)
     for n in range(layers):
         p = f"model.layers.{n}."
         shapes |= {
@@ -81,9 +82,15 @@ def write_random_model(folder: Path, layers: int, seed: int) -> int:
 
 def peak_of(code: str, env: dict) -> int:
     out = subprocess.run(
-        [sys.executable, "-c", code + "\nfrom folklm.merge.executor import peak_rss_bytes\n"
-         "print(peak_rss_bytes())"],
-        capture_output=True, text=True, env=env, check=True,
+        [
+            sys.executable,
+            "-c",
+            code + "\nfrom folklm.merge.executor import peak_rss_bytes\nprint(peak_rss_bytes())",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
     ).stdout
     return int(out.strip().splitlines()[-1])
 
@@ -108,34 +115,60 @@ def main() -> None:
         rows = []
         for method in args.methods.split(","):
             recipe = root / f"{method}.yaml"
-            recipe.write_text(RECIPES[method].format(m0=root / "m0", m1=root / "m1", m2=root / "m2"))
+            models = {f"m{k}": root / f"m{k}" for k in range(3)}
+            recipe.write_text(RECIPES[method].format(**models))
             t0 = time.perf_counter()
             proc = subprocess.run(
-                [sys.executable, "-m", "folklm.cli.main", "merge", str(recipe), "--out",
-                 f"mem-{method}:v1", "--json"],
-                capture_output=True, text=True, env=env,
+                [
+                    sys.executable,
+                    "-m",
+                    "folklm.cli.main",
+                    "merge",
+                    str(recipe),
+                    "--out",
+                    f"mem-{method}:v1",
+                    "--json",
+                ],
+                capture_output=True,
+                text=True,
+                env=env,
             )
             if proc.returncode != 0:
                 sys.exit(proc.stderr)
             out = json.loads(proc.stdout)
-            rows.append({
-                "method": method,
-                "peak_rss_bytes": out["peak_rss_bytes"],
-                "ratio_to_model": round(out["peak_rss_bytes"] / model_bytes, 3),
-                "wall_s": round(time.perf_counter() - t0, 1),
-            })
+            rows.append(
+                {
+                    "method": method,
+                    "peak_rss_bytes": out["peak_rss_bytes"],
+                    "ratio_to_model": round(out["peak_rss_bytes"] / model_bytes, 3),
+                    "wall_s": round(time.perf_counter() - t0, 1),
+                }
+            )
     print(f"one model: {model_bytes / 2**20:,.0f} MiB of float32 weights, 3 inputs")
-    print(f"baseline (python + torch + folklm imported): {baseline / 2**20:,.0f} MiB "
-          f"({baseline / model_bytes:.2f}x)")
-    print(f"loading the 3 models fully (safetensors load_file): {full / 2**20:,.0f} MiB "
-          f"({full / model_bytes:.2f}x)")
+    print(
+        f"baseline (python + torch + folklm imported): {baseline / 2**20:,.0f} MiB "
+        f"({baseline / model_bytes:.2f}x)"
+    )
+    print(
+        f"loading the 3 models fully (safetensors load_file): {full / 2**20:,.0f} MiB "
+        f"({full / model_bytes:.2f}x)"
+    )
     for r in rows:
-        print(f"folk merge {r['method']:>10}: peak RSS {r['peak_rss_bytes'] / 2**20:,.0f} MiB = "
-              f"{r['ratio_to_model']:.2f}x one model, {r['wall_s']} s wall")
-    print(json.dumps({
-        "bench": "merge_memory", "model_bytes": model_bytes, "baseline_rss_bytes": baseline,
-        "full_load_rss_bytes": full, "merges": rows,
-    }))
+        print(
+            f"folk merge {r['method']:>10}: peak RSS {r['peak_rss_bytes'] / 2**20:,.0f} MiB = "
+            f"{r['ratio_to_model']:.2f}x one model, {r['wall_s']} s wall"
+        )
+    print(
+        json.dumps(
+            {
+                "bench": "merge_memory",
+                "model_bytes": model_bytes,
+                "baseline_rss_bytes": baseline,
+                "full_load_rss_bytes": full,
+                "merges": rows,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -12,5 +12,3 @@ from mergetest import make_model
 def tiny_trio(tmp_path_factory) -> list[Path]:
     root = tmp_path_factory.mktemp("merge-models")
     return [make_model(root / f"m{i}", 100 + i) for i in range(3)]
-
-

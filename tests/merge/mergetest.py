@@ -9,10 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
-
-
 
 VOCAB = 128
 COMMON = dict(

@@ -26,7 +26,8 @@ def test_three_model_ties_merge_peaks_below_one_and_a_half_models(tmp_path):
     # One thread: the result does not depend on it, and shared CI cores run it faster.
     env = {**os.environ, "FOLK_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "folklm.cli.main", "merge", str(recipe), "--out", "big:v1", "--json"],
+        [sys.executable, "-m", "folklm.cli.main", "merge", str(recipe), "--out", "big:v1"]
+        + ["--json"],
         capture_output=True,
         text=True,
         env=env,

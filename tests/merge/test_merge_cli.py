@@ -34,7 +34,7 @@ def test_merge_registry_inputs_records_lineage_and_card(tiny_trio, tmp_path, hom
     from folklm.hub.api import import_path, resolve_model, show
 
     digests = {}
-    for name, folder in zip(["m0:v1", "m1:v1", "m2:latest"], tiny_trio):
+    for name, folder in zip(["m0:v1", "m1:v1", "m2:latest"], tiny_trio, strict=True):
         digests[name] = import_path(folder, name=name, license="apache-2.0").digest
     recipe = write_yaml(tmp_path, TIES.format(base="m0:v1", a="m1:v1", b="m2"))
     out = folk_json("merge", str(recipe), "--out", "trio:ties")
@@ -73,16 +73,16 @@ def test_merge_path_inputs_record_their_hashes(tiny_trio, tmp_path, home):
 
     inputs = show("paths:v1").recipe["inputs"]
     assert [r["role"] for r in inputs] == ["base", "model", "model"]
-    for rec, folder in zip(inputs, tiny_trio):
+    for rec, folder in zip(inputs, tiny_trio, strict=True):
         files = collect_files(folder)
         want = manifest_digest([(r, *sha256_file(p)) for r, p in files.items()])
         assert rec["path"] == str(folder.resolve()) and rec["content_hash"] == f"sha256:{want}"
 
 
 def test_sharded_output_equals_single_file(tiny_trio, tmp_path, home):
-    from folklm.merge import parse_config, run_merge
-
     import yaml
+
+    from folklm.merge import parse_config, run_merge
 
     data = yaml.safe_load(TIES.format(base=tiny_trio[0], a=tiny_trio[1], b=tiny_trio[2]))
     run_merge(parse_config(data), tmp_path / "one")

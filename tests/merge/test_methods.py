@@ -18,7 +18,7 @@ def _rand(*shape, seed=0):
 def test_linear_is_the_weighted_average():
     xs = [_rand(4, 5, seed=i) for i in range(3)]
     w = [0.2, 0.5, 1.3]
-    want = sum(wi * x for wi, x in zip(w, xs)) / sum(w)
+    want = sum(wi * x for wi, x in zip(w, xs, strict=True)) / sum(w)
     torch.testing.assert_close(methods.linear(xs, w), want)
     torch.testing.assert_close(methods.linear(xs, w, normalize=False), want * sum(w))
 
@@ -42,7 +42,7 @@ def test_trim_keeps_exactly_the_largest_magnitudes():
         out = methods.trim(delta, density)
         k = max(1, int(density * delta.numel()))
         threshold = delta.abs().flatten().sort(descending=True).values[k - 1]
-        for d, o in zip(delta.flatten().tolist(), out.flatten().tolist()):
+        for d, o in zip(delta.flatten().tolist(), out.flatten().tolist(), strict=True):
             assert o == (d if abs(d) >= threshold else 0.0)
         assert int((out != 0).sum()) == k
     assert methods.trim(delta, 1.0) is delta
@@ -61,16 +61,17 @@ def _ties_reference(base, xs, weights, densities, lam=1.0):
     """TIES written out per element in plain Python floats (Yadav et al., 2023, Alg. 1)."""
     n = base.numel()
     trimmed = []
-    for x, d in zip(xs, densities):
+    for x, d in zip(xs, densities, strict=True):
         delta = (x - base).flatten().tolist()
         k = max(1, int(d * n))
         keep = set(sorted(range(n), key=lambda i: -abs(delta[i]))[:k])
         trimmed.append([delta[i] if i in keep else 0.0 for i in range(n)])
     out = []
     for i in range(n):
-        vals = [w * t[i] for w, t in zip(weights, trimmed)]
+        vals = [w * t[i] for w, t in zip(weights, trimmed, strict=True)]
         elected = 1.0 if sum(vals) >= 0 else -1.0
-        agree = [(v, w) for v, w in zip(vals, weights) if v != 0 and math.copysign(1, v) == elected]
+        pairs = zip(vals, weights, strict=True)
+        agree = [(v, w) for v, w in pairs if v != 0 and math.copysign(1, v) == elected]
         merged = sum(v for v, _ in agree) / sum(w for _, w in agree) if agree else 0.0
         out.append(base.flatten()[i].item() + lam * merged)
     return torch.tensor(out, dtype=torch.float64).view_as(base)
@@ -121,7 +122,7 @@ def test_dare_under_task_arithmetic_and_ties_is_seeded():
     gens = [torch.Generator().manual_seed(7 + i) for i in range(2)]
     got = methods.task_arithmetic(base, xs, [0.5, 0.5], densities=[0.4, 0.4], generators=gens)
     gens = [torch.Generator().manual_seed(7 + i) for i in range(2)]
-    want = base + sum(0.5 * methods.dare(x - base, 0.4, g) for x, g in zip(xs, gens))
+    want = base + sum(0.5 * methods.dare(x - base, 0.4, g) for x, g in zip(xs, gens, strict=True))
     torch.testing.assert_close(got, want)
 
 
