@@ -146,3 +146,22 @@ def test_slerp_stays_on_the_unit_sphere():
     torch.testing.assert_close(methods.slerp(1.0, a, b), b)
     e1, e2 = torch.eye(2, dtype=torch.float64)
     torch.testing.assert_close(methods.slerp(0.5, e1, e2), (e1 + e2) / math.sqrt(2))
+
+
+def test_chunked_ties_keeps_exactly_k_when_magnitudes_tie():
+    """Many equal magnitudes (as in bfloat16 weights): the trim keeps exactly k entries,
+    the first tied ones in index order, however the tensor is chunked."""
+    g = torch.Generator().manual_seed(9)
+    base = torch.zeros(3000, dtype=torch.float64)
+    xs = [torch.randint(-3, 4, (3000,), generator=g).double() for _ in range(2)]
+    whole = methods.ties(base, xs, [1.0, 1.0], [0.3, 0.6], chunk=1 << 20)
+    for chunk in (7, 100, 1024):
+        assert torch.equal(methods.ties(base, xs, [1.0, 1.0], [0.3, 0.6], chunk=chunk), whole)
+    trimmed = methods.trim(xs[0], 0.3)
+    assert int((trimmed != 0).sum()) == int(0.3 * 3000)
+    cut = trimmed.abs()[trimmed != 0].min()
+    assert (xs[0].abs() > cut).sum() <= int(0.3 * 3000)  # everything larger is kept
+    assert torch.equal(trimmed[xs[0].abs() > cut], xs[0][xs[0].abs() > cut])
+    tied = (xs[0].abs() == cut).nonzero().flatten()
+    kept = (trimmed != 0) & (xs[0].abs() == cut)
+    assert kept[tied].tolist() == sorted(kept[tied].tolist(), reverse=True)  # first ones
