@@ -12,7 +12,9 @@ inputs are float64) and the caller casts the result.
 - DARE (Yu et al., 2024, arXiv:2311.03099): drop each delta element with probability
   ``1 − density`` and rescale the survivors by ``1 / density`` (the expectation of the
   delta is preserved); used under task arithmetic (``dare_linear``) and TIES
-  (``dare_ties``).
+  (``dare_ties``). This is the paper's rescale; mergekit instead rescales the dropped
+  delta to the L1 norm of the original, so DARE results differ from mergekit's (their
+  random masks differ in any case).
 - SLERP (Shoemake, 1985): spherical interpolation between two flattened tensors; it falls
   back to linear interpolation when they are (nearly) parallel.
 
