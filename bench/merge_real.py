@@ -12,7 +12,7 @@
    registered folder. A merge keeps a behaviour when its loss on that set is closer to
    the specialist's than to the base's.
 
-    PYTHONPATH=$PWD/src python bench/merge_real.py [--steps 20] [--density 0.7]
+    PYTHONPATH=$PWD/src python bench/merge_real.py [--steps 30] [--lr 5e-4] [--density 0.7]
 
 Runs on the CPU in about 10-20 minutes (contended); ends with one JSON line.
 """
@@ -103,7 +103,7 @@ def held_out_loss(model, tok, records, max_len: int) -> float:
     return total / count
 
 
-def train_adapter(base_folder, tok, records, out: Path, steps: int, seed: int, max_len: int):
+def train_adapter(base_folder, tok, records, out: Path, steps, seed, max_len, lr):
     import peft
     from transformers import AutoModelForCausalLM
 
@@ -124,7 +124,7 @@ def train_adapter(base_folder, tok, records, out: Path, steps: int, seed: int, m
         ],
     )
     model = peft.get_peft_model(model, cfg)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     rng = random.Random(seed)
     model.train()
     losses = []
@@ -156,8 +156,9 @@ def folk(*args: str, env) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--density", type=float, default=0.7)
+    ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--max-len", type=int, default=128)
     ap.add_argument("--keep", help="keep the work folder (adapters, FOLK_HOME) here")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: shared cores)")
@@ -182,7 +183,7 @@ def main() -> None:
     for i, (name, (train, _)) in enumerate(sets.items()):
         print(f"training the {name} adapter ({len(train)} records)", file=sys.stderr)
         training[name] = train_adapter(
-            base_folder, tok, train, work / f"adapter-{name}", args.steps, i, args.max_len
+            base_folder, tok, train, work / f"adapter-{name}", args.steps, i, args.max_len, args.lr
         )
     entries = {}
     for name in sets:
@@ -215,7 +216,10 @@ def main() -> None:
             s: round(held_out_loss(model, tok, ev, args.max_len), 4) for s, (_, ev) in sets.items()
         }
         del model
-    print(f"\nheld-out loss per response token (TIES density {args.density}, {args.steps} steps)")
+    print(
+        f"\nheld-out loss per response token (LoRA r=16, {args.steps} steps at lr {args.lr}; "
+        f"TIES density {args.density})"
+    )
     print(f"{'model':<36}" + "".join(f"{s:>30}" for s in sets))
     for label, row in losses.items():
         print(f"{label:<36}" + "".join(f"{row[s]:>30.4f}" for s in sets))
@@ -234,6 +238,7 @@ def main() -> None:
                 "bench": "merge_real",
                 "steps": args.steps,
                 "density": args.density,
+                "lr": args.lr,
                 "training": training,
                 "losses": losses,
                 "kept": kept,

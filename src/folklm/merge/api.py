@@ -20,6 +20,7 @@ from typing import Any
 
 from folklm.merge.config import MergeConfig, load_config
 from folklm.merge.executor import MergeStats, open_inputs, run_merge
+from folklm.merge.inputs import OpenModel
 
 
 @dataclass
@@ -65,11 +66,12 @@ def _dump(data: dict[str, Any]) -> str:
     return yaml.safe_dump(data, sort_keys=False)
 
 
-def describe_inputs(cfg: MergeConfig) -> tuple[list[dict[str, Any]], list[str]]:
+def describe_inputs(
+    base: OpenModel | None, others: list[OpenModel]
+) -> tuple[list[dict[str, Any]], list[str]]:
     """(a record per input with its content hash, the registry parents in order)."""
     from folklm.hub import api
 
-    base, others = open_inputs(cfg)
     records: list[dict[str, Any]] = []
     parents: list[str] = []
     for role, m in [("base", base)] * (base is not None) + [("model", o) for o in others]:
@@ -115,12 +117,15 @@ def merge_models(
         path = Path(config).expanduser()
         cfg = load_config(path)
         yaml_text = path.read_text(encoding="utf-8")
-    inputs, parents = describe_inputs(cfg)
+    opened = open_inputs(cfg)
+    inputs, parents = describe_inputs(*opened)
     home = folk_home()
     home.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".merge-", dir=home))
     try:
-        stats = run_merge(cfg, work / "model", max_shard_bytes=max_shard_bytes, progress=progress)
+        stats = run_merge(
+            cfg, work / "model", max_shard_bytes=max_shard_bytes, progress=progress, opened=opened
+        )
         recipe = {
             "merge_method": cfg.method,
             "config": cfg.raw,

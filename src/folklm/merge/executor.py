@@ -139,8 +139,11 @@ def run_merge(
     *,
     max_shard_bytes: int = 2 * 1024**3,
     progress: Callable[[int, int, str], None] | None = None,
+    opened: tuple[OpenModel | None, list[OpenModel]] | None = None,
 ) -> MergeStats:
     """Merge into the folder ``out`` (created; must not exist or be empty).
+
+    ``opened`` is the result of :func:`open_inputs` when the caller already has it.
 
     Raises:
         FolkError: an input cannot be read or does not match the others, or a parameter
@@ -150,7 +153,7 @@ def run_merge(
     folder = Path(out)
     if folder.exists() and any(folder.iterdir()):
         raise FolkError(f"{folder}: output folder exists and is not empty")
-    base, others = open_inputs(cfg)
+    base, others = opened if opened is not None else open_inputs(cfg)
     ref = base or others[0]
     compute = DTYPES[cfg.dtype]
     out_dtype = DTYPES[cfg.out_dtype or cfg.dtype]
