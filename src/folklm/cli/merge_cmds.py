@@ -21,9 +21,12 @@ import click
     show_default=True,
     help="Largest output shard, in MiB.",
 )
+@click.option("--license", "license_", help="Licence id to record (default: from the parents).")
 @click.option("--force", is_flag=True, help="Record it even if the parents' licences conflict.")
 @click.option("--json", "as_json", is_flag=True, help="Print the new entry as one JSON object.")
-def merge_cmd(config: str, out: str, shard_size: int, force: bool, as_json: bool) -> None:
+def merge_cmd(
+    config: str, out: str, shard_size: int, license_: str | None, force: bool, as_json: bool
+) -> None:
     """Merge models with a mergekit-style YAML recipe (linear, task_arithmetic, ties,
     dare_linear, dare_ties, slerp, lora_fuse) and register the result as NAME[:TAG].
 
@@ -33,7 +36,7 @@ def merge_cmd(config: str, out: str, shard_size: int, force: bool, as_json: bool
     from rich.console import Console
     from rich.progress import Progress
 
-    from folklm.cli.hub_cmds import _hub_warnings
+    from folklm.cli.hub_cmds import _console, _hub_warnings
     from folklm.merge import merge_models
 
     console = Console(stderr=True)
@@ -44,7 +47,12 @@ def merge_cmd(config: str, out: str, shard_size: int, force: bool, as_json: bool
             bar.update(task, completed=done, total=total, description=name[-40:])
 
         report = merge_models(
-            config, out, max_shard_bytes=shard_size * 1024**2, force=force, progress=progress
+            config,
+            out,
+            max_shard_bytes=shard_size * 1024**2,
+            license=license_,
+            force=force,
+            progress=progress,
         )
     data = report.to_dict()
     if as_json:
@@ -67,7 +75,7 @@ def merge_cmd(config: str, out: str, shard_size: int, force: bool, as_json: bool
         "peak RSS",
         f"{rss:,.0f} MiB ({data['peak_rss_over_model']}x the largest input's weights)",
     )
-    Console().print(table)
+    _console().print(table)
 
 
 def register(app: click.Group) -> None:

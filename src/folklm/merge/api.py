@@ -97,6 +97,7 @@ def merge_models(
     *,
     yaml_text: str | None = None,
     max_shard_bytes: int = 2 * 1024**3,
+    license: str | None = None,
     force: bool = False,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> MergeReport:
@@ -139,6 +140,7 @@ def merge_models(
             parents=parents,
             recipe=recipe,
             seed=cfg.seed,
+            license=license,
             force=force,
             started_at=started,
             link=True,
