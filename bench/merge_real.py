@@ -12,7 +12,7 @@
    registered folder. A merge keeps a behaviour when its loss on that set is closer to
    the specialist's than to the base's.
 
-    PYTHONPATH=$PWD/src python bench/merge_real.py [--steps 30] [--lr 5e-4] [--density 0.7]
+    PYTHONPATH=$PWD/src python bench/merge_real.py [--steps 30] [--lr 5e-4] [--density 0.2 0.7]
 
 Runs on the CPU in about 10-20 minutes (contended); ends with one JSON line.
 """
@@ -157,7 +157,14 @@ def folk(*args: str, env) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--density", type=float, default=0.7)
+    ap.add_argument(
+        "--density", type=float, nargs="+", default=[0.2, 0.7], help="TIES densities to try"
+    )
+    ap.add_argument("--reuse", action="store_true", help="reuse adapters found in --keep")
+    ap.add_argument(
+        "--weights", type=float, nargs=2, default=[1.0, 1.0], help="alpaca, sharegpt weights"
+    )
+    ap.add_argument("--no-normalize", action="store_true", help="TIES normalize: false")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--max-len", type=int, default=128)
     ap.add_argument("--keep", help="keep the work folder (adapters, FOLK_HOME) here")
@@ -181,9 +188,13 @@ def main() -> None:
     }
     training = {}
     for i, (name, (train, _)) in enumerate(sets.items()):
+        out = work / f"adapter-{name}"
+        if args.reuse and (out / "adapter_config.json").is_file():
+            print(f"reusing {out}", file=sys.stderr)
+            continue
         print(f"training the {name} adapter ({len(train)} records)", file=sys.stderr)
         training[name] = train_adapter(
-            base_folder, tok, train, work / f"adapter-{name}", args.steps, i, args.max_len, args.lr
+            base_folder, tok, train, out, args.steps, i, args.max_len, args.lr
         )
     entries = {}
     for name in sets:
@@ -195,20 +206,23 @@ def main() -> None:
         entries[name] = folk(
             "merge", str(recipe), "--out", f"spec-{name.split('_')[0]}:v1", env=env
         )
-    recipe = work / "ties.yaml"
-    recipe.write_text(
-        f"merge_method: ties\nbase_model: {DEFAULT_NAME}\nmodels:\n"
-        + "".join(
-            f"  - model: {e['name']}\n    parameters: {{weight: 1.0, density: {args.density}}}\n"
-            for e in entries.values()
+    merges = {}
+    for density in args.density:
+        recipe = work / f"ties-{density}.yaml"
+        recipe.write_text(
+            f"merge_method: ties\nbase_model: {DEFAULT_NAME}\nmodels:\n"
+            + "".join(
+                f"  - model: {e['name']}\n    parameters: {{weight: {w}, density: {density}}}\n"
+                for e, w in zip(entries.values(), args.weights, strict=True)
+            )
+            + f"parameters: {{normalize: {'false' if args.no_normalize else 'true'}}}\n"
+            + "dtype: float32\nseed: 0\n"
         )
-        + "parameters: {normalize: true}\ndtype: float32\nseed: 0\n"
-    )
-    merged = folk("merge", str(recipe), "--out", "spec-merge:ties", env=env)
+        merges[density] = folk("merge", str(recipe), "--out", f"spec-merge:ties-{density}", env=env)
     from folklm.hub.api import resolve_model
 
     models = {"base": DEFAULT_NAME, **{f"spec:{k}": e["name"] for k, e in entries.items()}}
-    models["merge"] = merged["name"]
+    models.update({f"merge:ties density {d}": m["name"] for d, m in merges.items()})
     losses: dict[str, dict[str, float]] = {}
     for label, ref in models.items():
         model = AutoModelForCausalLM.from_pretrained(resolve_model(ref), dtype=torch.float32)
@@ -218,31 +232,40 @@ def main() -> None:
         del model
     print(
         f"\nheld-out loss per response token (LoRA r=16, {args.steps} steps at lr {args.lr}; "
-        f"TIES density {args.density})"
+        f"TIES weights {args.weights}, normalize {not args.no_normalize})"
     )
     print(f"{'model':<36}" + "".join(f"{s:>30}" for s in sets))
     for label, row in losses.items():
         print(f"{label:<36}" + "".join(f"{row[s]:>30.4f}" for s in sets))
-    kept = {}
-    for s in sets:
-        b, sp, m = losses["base"][s], losses[f"spec:{s}"][s], losses["merge"][s]
-        kept[s] = abs(m - sp) < abs(m - b)
-        share = (b - m) / (b - sp) if b != sp else float("nan")
-        print(
-            f"{s}: merge recovers {share:.0%} of the specialist's gain over the base; "
-            f"closer to the specialist: {kept[s]}"
-        )
+    kept: dict[str, dict[str, bool]] = {}
+    for d in merges:
+        kept[str(d)] = {}
+        for s in sets:
+            b, sp = losses["base"][s], losses[f"spec:{s}"][s]
+            m = losses[f"merge:ties density {d}"][s]
+            # kept: the specialist gained over the base on its own set, and the merge's loss
+            # there is closer to the specialist's than to the base's
+            kept[str(d)][s] = sp < b and abs(m - sp) < abs(m - b)
+            share = (b - m) / (b - sp) if b != sp else float("nan")
+            print(
+                f"density {d} on {s}: specialist gain {b - sp:+.4f}, merge gain {b - m:+.4f} "
+                f"({share:.0%} of it); kept: {kept[str(d)][s]}"
+            )
     print(
         json.dumps(
             {
                 "bench": "merge_real",
                 "steps": args.steps,
-                "density": args.density,
                 "lr": args.lr,
+                "weights": args.weights,
+                "normalize": not args.no_normalize,
                 "training": training,
                 "losses": losses,
                 "kept": kept,
-                "merge": {k: merged[k] for k in ("name", "hash", "parents", "peak_rss_bytes")},
+                "merges": {
+                    str(d): {k: m[k] for k in ("name", "hash", "parents", "peak_rss_bytes")}
+                    for d, m in merges.items()
+                },
             }
         )
     )

@@ -122,8 +122,17 @@ def merge_tensor(
         return methods.task_arithmetic(
             base, others, weights, lam=lam, normalize=normalize, densities=dens, generators=gens
         )
+    from folklm.checkpoint.safetensors_io import release_pages
+
     return methods.ties(
-        base, others, weights, dens, lam=lam, normalize=normalize, generators=gens
+        base,
+        others,
+        weights,
+        dens,
+        lam=lam,
+        normalize=normalize,
+        generators=gens,
+        release=release_pages,
     )  # ties, dare_ties
 
 

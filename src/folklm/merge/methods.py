@@ -27,7 +27,7 @@ the merged delta.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -55,16 +55,16 @@ def linear(
 def magnitude_cut(delta: torch.Tensor, density: float) -> tuple[float, int]:
     """Where TIES trims ``delta``: keep the ``k = max(1, int(density · n))`` largest
     magnitudes, i.e. every entry with ``|δ| > cut`` plus the first ``ties`` entries (in
-    index order) with ``|δ| == cut``. Found by an in-place partial sort of one copy of
-    ``|δ|`` (no index tensor, unlike ``topk``/``argsort``)."""
-    n = delta.numel()
+    index order) with ``|δ| == cut``."""
+    mags = delta.detach().reshape(-1).to(_work_dtype(delta), copy=True).abs_()
+    return _cut(mags, density)
+
+
+def _cut(mags: torch.Tensor, density: float) -> tuple[float, int]:
+    """:func:`magnitude_cut` from a scratch tensor of magnitudes, which it reorders: an
+    in-place partial sort, no index tensor (unlike ``topk``/``argsort``)."""
+    n = mags.numel()
     k = max(1, int(density * n))
-    mags = (
-        delta.detach()
-        .abs()
-        .reshape(-1)
-        .to(torch.float64 if delta.dtype == torch.float64 else torch.float32)
-    )
     a = mags.numpy()
     a.partition(n - k)  # a[n-k] is the k-th largest; everything after it is >= it
     cut = a[n - k]
@@ -175,13 +175,17 @@ def ties(
     normalize: bool = True,
     generators: Sequence[torch.Generator] | None = None,
     chunk: int = 1 << 20,
+    release: Callable[[torch.Tensor], object] | None = None,
 ) -> torch.Tensor:
     """TIES-merging; with ``generators`` the trim step is DARE's random drop (DARE-TIES).
 
     The trim thresholds (or DARE's masks) are found over each whole task vector first;
     election and disjoint merge then run over ``chunk`` elements at a time, so the
-    scratch memory is a few chunks rather than several copies of the tensor.
+    scratch memory is a few chunks rather than several copies of the tensor. ``release``
+    is called with each slice of the inputs once it has been read (the executor drops
+    memory-mapped pages there; the result does not depend on it).
     """
+    done = release or (lambda t: None)
     dtype = _work_dtype(base)
     n = base.numel()
     b = base.reshape(-1)
@@ -195,7 +199,15 @@ def ties(
                 torch.rand(n, generator=generators[i], dtype=torch.float32) < d if d < 1 else None
             )
         elif d < 1:
-            cuts.append(magnitude_cut(x.to(dtype) - b.to(dtype), d))
+            mags = torch.empty(n, dtype=dtype)
+            for s in range(0, n, chunk):
+                torch.sub(
+                    x[s : s + chunk].to(dtype), b[s : s + chunk].to(dtype), out=mags[s : s + chunk]
+                )
+                done(x[s : s + chunk])
+                done(b[s : s + chunk])
+            cuts.append(_cut(mags.abs_(), d))
+            del mags
         else:
             cuts.append(None)
     w = torch.tensor([float(x) for x in weights], dtype=dtype)
@@ -204,6 +216,8 @@ def ties(
     for s in range(0, n, chunk):
         bc = b[s : s + chunk].to(dtype)
         deltas = torch.stack([x[s : s + chunk].to(dtype) - bc for x in xs])  # (n_models, c)
+        for t in (b, *xs):
+            done(t[s : s + chunk])
         for i in range(len(xs)):
             if generators is not None:
                 if keeps[i] is not None:
