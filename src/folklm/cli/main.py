@@ -258,6 +258,10 @@ from folklm.cli.quant_cmds import register as _register_quant  # noqa: E402
 
 _register_quant(app)
 
+from folklm.cli.merge_cmds import register as _register_merge  # noqa: E402
+
+_register_merge(app)
+
 
 def main() -> None:
     try:
