@@ -227,7 +227,13 @@ class Engine:
                 req = self.waiting[0]
             adapter_index = 0
             if req.adapter is not None:
-                adapter_index = self.lora.acquire(req.adapter) if self.lora else None
+                try:
+                    adapter_index = self.lora.acquire(req.adapter)
+                except FolkError as exc:
+                    with self._cv:
+                        self.waiting.popleft()
+                    req.sink({"type": "finish", "finish_reason": "error", "error": str(exc)})
+                    continue
                 if adapter_index is None:
                     return  # every adapter slot is busy: wait for a sequence to finish
             need = len(req.prompt) + req.max_tokens
@@ -281,7 +287,11 @@ class Engine:
         ids = torch.tensor([req.prompt[n_cached:]], dtype=torch.long)  # (1, T)
         pos = torch.arange(n_cached, n)[None]  # (1, T)
         view = self.cache.view(slot)
-        logits = self.model(ids, cache=view, position_ids=pos, last_only=not req.echo_logprobs)
+        try:
+            logits = self.model(ids, cache=view, position_ids=pos, last_only=not req.echo_logprobs)
+        finally:
+            if self.lora is not None:
+                self.lora.set_rows([])  # other callers of the model see the base
         self.cache.lengths[slot] = n
         self.cache.tokens[slot] = list(req.prompt)
         if req.echo_logprobs:
@@ -312,13 +322,17 @@ class Engine:
             self.lora.set_rows(rows)
         view = self.cache.decode_view(hi, positions)
         masks = build_decode_masks(positions, view.span, self.model.windows)
-        logits = self.model(
-            tokens[:, None],
-            cache=view,
-            position_ids=positions[:, None],
-            masks=masks,
-            last_only=True,
-        )[:, -1]  # (hi, V)
+        try:
+            logits = self.model(
+                tokens[:, None],
+                cache=view,
+                position_ids=positions[:, None],
+                masks=masks,
+                last_only=True,
+            )[:, -1]  # (hi, V)
+        finally:
+            if self.lora is not None:
+                self.lora.set_rows([])
         self.stats["decode_steps_total"] += 1
         for o in self.observers:
             o("batch_size", float(len(seqs)))
