@@ -255,6 +255,10 @@ from folklm.cli.hub_cmds import register as _register_hub  # noqa: E402
 
 _register_hub(app)
 
+from folklm.cli.serve_cmds import register as _register_serve  # noqa: E402
+
+_register_serve(app)
+
 
 def main() -> None:
     try:

@@ -117,8 +117,8 @@ class Engine:
         self._rng = torch.Generator().manual_seed(int(time.time_ns() % (1 << 62)))
         self.stats: dict[str, float] = {
             "requests_total": 0,
-            "requests_finished": 0,
-            "requests_cancelled": 0,
+            "requests_finished_total": 0,
+            "requests_cancelled_total": 0,
             "prompt_tokens_total": 0,
             "generation_tokens_total": 0,
             "prefix_cached_tokens_total": 0,
@@ -213,9 +213,9 @@ class Engine:
             gone = [r for r in self.waiting if r.cancelled]
             for r in gone:
                 self.waiting.remove(r)
-        self.stats["requests_cancelled"] += len(gone)
+        self.stats["requests_cancelled_total"] += len(gone)
         for seq in [s for s in self.running if s.req.cancelled]:
-            self.stats["requests_cancelled"] += 1
+            self.stats["requests_cancelled_total"] += 1
             self._release(seq)
 
     def _admit(self) -> None:
@@ -389,7 +389,7 @@ class Engine:
 
     def _finish(self, seq: _Seq, reason: str, error: str | None = None) -> None:
         self._release(seq)
-        self.stats["requests_finished"] += 1
+        self.stats["requests_finished_total"] += 1
         now = time.perf_counter()
         for o in self.observers:
             o("request_latency_seconds", now - seq.req.arrival)

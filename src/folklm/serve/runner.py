@@ -46,29 +46,56 @@ class TokenText:
         return list(self.bytes[token]) if token < len(self.bytes) else []
 
 
-async def run(engine: Engine, requests: list[Request]) -> AsyncIterator[tuple[int, dict]]:
-    """Submit ``requests`` and yield (index, event) until each has finished."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[tuple[int, dict]] = asyncio.Queue()
+class Submission:
+    """Requests submitted together (the ``n`` choices, or several prompts); iterate the
+    events as (index, event). Submitting raises ``QueueFull`` before anything is sent, so
+    the handler can still answer 429; ``close`` (also on disconnect) cancels the rest."""
 
-    def sink_for(i: int):
+    def __init__(self, engine: Engine, requests: list[Request]):
+        self.engine = engine
+        self.requests = requests
+        self.queue: asyncio.Queue[tuple[int, dict]] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        for i, req in enumerate(requests):
+            req.sink = self._sink(loop, i)
+        submitted = []
+        try:
+            for req in requests:
+                submitted.append(engine.submit(req))
+        except BaseException:
+            for req in submitted:
+                engine.cancel(req)
+            raise
+
+    def _sink(self, loop: asyncio.AbstractEventLoop, i: int):
         def sink(event: dict) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, (i, event))
+            loop.call_soon_threadsafe(self.queue.put_nowait, (i, event))
 
         return sink
 
-    for i, req in enumerate(requests):
-        req.sink = sink_for(i)
-    submitted: list[Request] = []
-    try:
-        for req in requests:
-            submitted.append(engine.submit(req))
-        remaining = len(requests)
-        while remaining:
-            i, event = await queue.get()
-            if event["type"] == "finish":
-                remaining -= 1
-            yield i, event
-    finally:
-        for req in submitted:
-            engine.cancel(req)  # no-op for finished ones
+    async def events(self) -> AsyncIterator[tuple[int, dict]]:
+        remaining = len(self.requests)
+        try:
+            while remaining:
+                i, event = await self.queue.get()
+                if event["type"] == "finish":
+                    remaining -= 1
+                yield i, event
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for req in self.requests:
+            self.engine.cancel(req)  # a no-op for finished ones
+
+
+def logprob_entry(table: TokenText, token: int, logprob: float, top: list) -> dict[str, Any]:
+    """One item of a chat choice's ``logprobs.content`` (OpenAI's ChatCompletionTokenLogprob)."""
+    return {
+        "token": table.text(token),
+        "logprob": logprob,
+        "bytes": table.raw(token),
+        "top_logprobs": [
+            {"token": table.text(t), "logprob": lp, "bytes": table.raw(t)} for t, lp in top
+        ],
+    }
