@@ -15,39 +15,7 @@ from folklm.engine.scheduler import Engine, Request
 from folklm.errors import FolkError
 from folklm.ops.sampling import SamplingParams
 
-PROJ = {
-    "q_proj": "self_attn",
-    "k_proj": "self_attn",
-    "v_proj": "self_attn",
-    "o_proj": "self_attn",
-    "gate_proj": "mlp",
-    "up_proj": "mlp",
-    "down_proj": "mlp",
-}
-
-
-def random_adapter(folder, config, rank, targets, seed, scale=0.05):
-    g = torch.Generator().manual_seed(seed)
-    C, F_ = config.hidden_size, config.intermediate_size
-    H, H_kv, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    shapes = {
-        "q_proj": (C, H * D),
-        "k_proj": (C, H_kv * D),
-        "v_proj": (C, H_kv * D),
-        "o_proj": (H * D, C),
-        "gate_proj": (C, F_),
-        "up_proj": (C, F_),
-        "down_proj": (F_, C),
-    }
-    layers = {}
-    for i in range(config.num_hidden_layers):
-        for t in targets:
-            fan_in, fan_out = shapes[t]
-            A = torch.randn(rank, fan_in, generator=g) * scale
-            B = torch.randn(fan_out, rank, generator=g) * scale
-            layers[f"model.layers.{i}.{PROJ[t]}.{t}"] = LoraWeights(A, B)
-    cfg = AdapterConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets))
-    return save_adapter(folder, cfg, layers)
+ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def run_engine(engine, jobs):
@@ -88,13 +56,13 @@ def fused_tokens(folder, adapter_dir, ids, n):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_adapters_and_base_share_a_batch(tiny_models, tmp_path, family):
+def test_adapters_and_base_share_a_batch(tiny_models, tmp_path, family, random_adapter):
     import folklm
 
     _, folder = tiny_models(family)
     llm = folklm.load(folder)  # fast: fused qkv / gate_up packed layers get wrapped
     a1 = random_adapter(tmp_path / "a1", llm.config, 4, ["q_proj", "v_proj"], 1, scale=0.3)
-    a2 = random_adapter(tmp_path / "a2", llm.config, 8, list(PROJ), 2, scale=0.3)
+    a2 = random_adapter(tmp_path / "a2", llm.config, 8, ALL_PROJ, 2, scale=0.3)
     lora = MultiLoRA(llm.model, {"a1": a1, "a2": a2}.__getitem__, max_loaded=2)
     engine = Engine(llm, max_batch=6)
     try:
@@ -117,7 +85,7 @@ def test_adapters_and_base_share_a_batch(tiny_models, tmp_path, family):
         engine.shutdown()
 
 
-def test_lru_and_bad_adapters(tiny_models, tmp_path):
+def test_lru_and_bad_adapters(tiny_models, tmp_path, random_adapter):
     import folklm
 
     _, folder = tiny_models("llama")
