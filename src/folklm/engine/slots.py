@@ -16,6 +16,8 @@ caching (Kwon et al., SOSP 2023) at slot granularity.
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 
 from folklm.config import ModelConfig
@@ -166,6 +168,7 @@ class SlotCache:
         if len(order) == self.rows and capacity == self.capacity:
             return
         self._realloc(len(order), capacity, order)
+        _return_freed_memory()
 
     # -- slots ----------------------------------------------------------------------------
     def acquire(self, prompt: list[int], need_len: int, tag: str | None, reuse: bool):
@@ -224,6 +227,15 @@ class SlotCache:
     @property
     def running(self) -> int:
         return sum(self.busy)
+
+
+def _return_freed_memory() -> None:
+    """Ask glibc to give freed heap pages back to the system (its threshold for doing so on
+    its own rises after large frees), so RSS falls back after a burst of load."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc
 
 
 def _common_prefix(a: list[int], b: list[int], limit: int) -> int:

@@ -107,7 +107,7 @@ async def create(body: CompletionRequest, served: ServedModel, table: TokenText)
                 c.top.append(item["top"])
         elif ev["type"] == "token":
             c.text += ev["text"]
-            if want_lp and not ev["eos"]:
+            if want_lp:  # EOS too: the list has one entry per generated token
                 c.tokens.append(ev["token"])
                 c.logprobs.append(ev["logprobs"]["logprob"])
                 c.top.append(ev["logprobs"]["top"])
