@@ -1,6 +1,6 @@
 """Constrained decoding: only tokens that keep the output a valid JSON value (of a schema).
 
-A character-level pushdown automaton over JSON (RFC 8259) -- whitespace only before
+A character-level pushdown automaton over JSON (RFC 8259) -- whitespace only around
 values and keys -- driven by a JSON Schema (https://json-schema.org, the subset OpenAI's
 structured outputs use: object/properties/required, array/items/minItems/maxItems,
 string, number, integer, boolean, null, enum, const, anyOf/oneOf, ``$ref`` to ``$defs``).
@@ -252,12 +252,8 @@ class JsonGrammar:
 
     def _step(self, f: tuple, ch: str):  # noqa: C901 - one branch per frame kind
         kind = f[0]
-        if ch in WHITESPACE and (
-            kind == "val"
-            or (kind == "gobj" and f[1] != "after")
-            or (kind == "arr" and f[4] != "after")
-        ):
-            return (f,)  # whitespace before a value or a key (pretty-printed JSON)
+        if ch in WHITESPACE and (kind == "val" or kind == "arr" or kind == "gobj"):
+            return (f,)  # whitespace around values and keys (pretty-printed JSON)
         if kind == "val":
             return self._value(f[1], ch)
         if kind == "str":
