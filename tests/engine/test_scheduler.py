@@ -174,3 +174,27 @@ def test_bounded_queue(tiny_models):
             engine.cancel(r)
     finally:
         engine.shutdown()
+
+
+def test_idle_buffers_from_a_burst_do_not_block_a_long_request(tiny_models):
+    import folklm
+
+    _, folder = tiny_models("llama")
+    llm = folklm.load(folder)
+    probe = Engine(llm, max_batch=1)
+    per_token = probe.cache.bytes_per_token
+    probe.shutdown()
+    engine = Engine(llm, max_batch=4, kv_budget_bytes=200 * per_token, keep_prefixes=4)
+    try:
+        c = Collector(5)
+        c.engine = engine
+        for i in range(4):  # a burst: 4 rows of 40 tokens fill 160 of the 200-token budget
+            engine.submit(Request([1, 10 + i, 7], 37, c.sink(i), temperature=0, ignore_eos=True))
+        c.wait(4)
+        assert engine.cache.rows == 4
+        # 150 tokens fit the budget alone but not as 4 rows: the idle rows must make room
+        engine.submit(Request([1, 2, 3], 147, c.sink(4), temperature=0, ignore_eos=True))
+        c.wait(1, timeout=120)
+        assert c.finish[4]["finish_reason"] == "length" and len(c.tokens[4]) == 147
+    finally:
+        engine.shutdown()

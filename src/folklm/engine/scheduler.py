@@ -237,10 +237,19 @@ class Engine:
                 if adapter_index is None:
                     return  # every adapter slot is busy: wait for a sequence to finish
             need = len(req.prompt) + req.max_tokens
-            got = self.cache.acquire(req.prompt, need, req.adapter, reuse=not req.echo_logprobs)
+            reuse = not req.echo_logprobs
+            got = self.cache.acquire(req.prompt, need, req.adapter, reuse)
+            if got is None and not self.running:
+                self.cache.shrink(0)  # idle buffers shaped for an earlier burst: start afresh
+                got = self.cache.acquire(req.prompt, need, req.adapter, reuse)
             if got is None:
                 if req.adapter is not None:
                     self.lora.release(req.adapter)
+                if not self.running:  # cannot fit even alone (check_length prevents this)
+                    with self._cv:
+                        self.waiting.popleft()
+                    req.sink({"type": "finish", "finish_reason": "error", "error": "no memory"})
+                    continue
                 return  # no slot or memory yet: a running sequence will free one
             with self._cv:
                 self.waiting.popleft()
