@@ -78,6 +78,8 @@ def test_adapter_from_hub_lineage(bpe_models, tmp_path, monkeypatch, random_adap
         transport = httpx.ASGITransport(app=app)
         async with app.router.lifespan_context(app):
             async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+                listed = (await c.get("/v1/models")).json()["data"]  # found in the hub
+                assert "tinyadapter" in {m["id"] for m in listed}
                 out = {}
                 for model in ("tinybase", "tinyadapter", "tinybase:tinyadapter", "tinybase:nope"):
                     body = {"model": model, "prompt": "To be or not", "max_tokens": 8,

@@ -11,6 +11,7 @@ route, 413 body too large, 429 queue full (with ``Retry-After``).
 
 from __future__ import annotations
 
+import sys
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -87,6 +88,8 @@ def load_engines(config: ServeConfig, table: ModelTable, metrics: Metrics) -> No
         table.add_base(name or _model_name(source), engine)
     for name, (base, path) in config.adapters.items():
         table.add_adapter(name, base, Path(path))
+    for warning in table.discover():
+        print(f"folk serve: warning: {warning}", file=sys.stderr)
 
 
 def _error(status: int, message: str, type_: str, param=None, code=None, headers=None):

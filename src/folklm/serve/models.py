@@ -87,6 +87,28 @@ class ModelTable:
         self.models[asked] = served
         return served
 
+    def discover(self) -> list[str]:
+        """Add every hub adapter whose parent is a served base; return one-line warnings
+        for those that cannot be served (they stay out of the listing)."""
+        from folklm.hub import api
+
+        warnings = []
+        bare_bases = {_bare(b): b for b in self.bases}
+        for row in api.list_models():
+            if row.get("format") != "adapter":
+                continue
+            name = row["name"].removesuffix(":latest")
+            base = next(
+                (bare_bases[_bare(p)] for p in row["parents"] if _bare(p) in bare_bases), None
+            )
+            if base is None or name in self.models:
+                continue
+            try:
+                self.add_adapter(name, base, api.resolve_model(name))
+            except FolkError as exc:
+                warnings.append(f"adapter {name} not served: {exc}")
+        return warnings
+
     def listing(self) -> list[ServedModel]:
         seen, out = set(), []
         for served in self.models.values():
