@@ -203,3 +203,47 @@ def bpe_models(tmp_path_factory):
         return cache[family]
 
     return get
+
+
+_PROJ = {
+    "q_proj": "self_attn",
+    "k_proj": "self_attn",
+    "v_proj": "self_attn",
+    "o_proj": "self_attn",
+    "gate_proj": "mlp",
+    "up_proj": "mlp",
+    "down_proj": "mlp",
+}
+
+
+def _random_adapter(folder, config, rank, targets, seed, scale=0.05):
+    """A PEFT LoRA folder with random A and B for ``targets`` in every layer."""
+    from folklm.checkpoint.peft import AdapterConfig, LoraWeights, save_adapter
+
+    g = torch.Generator().manual_seed(seed)
+    C, F_ = config.hidden_size, config.intermediate_size
+    H, H_kv, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    shapes = {
+        "q_proj": (C, H * D),
+        "k_proj": (C, H_kv * D),
+        "v_proj": (C, H_kv * D),
+        "o_proj": (H * D, C),
+        "gate_proj": (C, F_),
+        "up_proj": (C, F_),
+        "down_proj": (F_, C),
+    }
+    layers = {}
+    for i in range(config.num_hidden_layers):
+        for t in targets:
+            fan_in, fan_out = shapes[t]
+            A = torch.randn(rank, fan_in, generator=g) * scale
+            B = torch.randn(fan_out, rank, generator=g) * scale
+            layers[f"model.layers.{i}.{_PROJ[t]}.{t}"] = LoraWeights(A, B)
+    cfg = AdapterConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets))
+    return save_adapter(folder, cfg, layers)
+
+
+@pytest.fixture(scope="session")
+def random_adapter():
+    """``random_adapter(folder, config, rank, targets, seed, scale)`` -> adapter folder."""
+    return _random_adapter

@@ -251,16 +251,11 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
-from folklm.cli.hub_cmds import register as _register_hub  # noqa: E402
+# Each command family lives in its own module with a register(app) function.
+from folklm.cli import hub_cmds, merge_cmds, quant_cmds, serve_cmds  # noqa: E402
 
-_register_hub(app)
-from folklm.cli.quant_cmds import register as _register_quant  # noqa: E402
-
-_register_quant(app)
-
-from folklm.cli.merge_cmds import register as _register_merge  # noqa: E402
-
-_register_merge(app)
+for _commands in (hub_cmds, quant_cmds, merge_cmds, serve_cmds):
+    _commands.register(app)
 
 
 def main() -> None:

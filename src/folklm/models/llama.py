@@ -172,6 +172,7 @@ class CausalLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         pad_mask: torch.Tensor | None = None,
         last_only: bool = False,
+        masks: dict | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) in float32, or (B, 1, vocab) when ``last_only``.
 
@@ -182,6 +183,8 @@ class CausalLM(nn.Module):
             pad_mask: (B, S) bool over key slots, False on padding (overrides
                 ``cache.pad_mask``).
             last_only: compute the LM head for the last position only (generation).
+            masks: precomputed ``{sliding_window: (B, 1, T, S) bool mask}``, for callers
+                whose rows sit at different cache lengths (the server's batched slots).
         """
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
@@ -192,7 +195,8 @@ class CausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         cos, sin = self.model.rotary_emb(position_ids, x.dtype)
         kv_len = start + T
-        masks = {w: build_mask(start, T, kv_len, pad_mask, w) for w in self.windows}
+        if masks is None:
+            masks = {w: build_mask(start, T, kv_len, pad_mask, w) for w in self.windows}
         causal = start == 0  # no cache prefix: plain causal attention over T keys
         for layer in self.model.layers:
             x = layer(x, cos, sin, cache, masks, causal)

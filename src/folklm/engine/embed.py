@@ -1,0 +1,26 @@
+"""Text embeddings from a decoder: the mean of the final hidden states, L2-normalised.
+
+Mean pooling over the last layer's (normed) hidden states is the baseline sentence
+embedding of Sentence-BERT (Reimers & Gurevych, 2019, arXiv:1908.10084); a causal
+decoder is not trained for it, so these vectors serve retrieval demos and API
+compatibility, not state-of-the-art similarity.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from folklm.ops.attention import build_mask
+
+
+@torch.inference_mode()
+def embed(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
+    """(hidden_size,) float32 unit vector for one token sequence."""
+    x = model.model.embed_tokens(torch.tensor([ids], dtype=torch.long))  # (1, T, C)
+    T = len(ids)
+    cos, sin = model.model.rotary_emb(torch.arange(T)[None], x.dtype)
+    masks = {w: build_mask(0, T, T, None, w) for w in model.windows}
+    for layer in model.model.layers:
+        x = layer(x, cos, sin, None, masks, True)
+    h = model.model.norm(x)[0].float().mean(dim=0)  # (C,)
+    return h / h.norm().clamp_min(1e-12)

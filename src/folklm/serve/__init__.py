@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server (``app.build_app``) and its web chat."""

@@ -1,0 +1,266 @@
+"""The OpenAI-compatible HTTP server: ``build_app(ServeConfig)`` -> FastAPI application.
+
+The app's lifespan loads the models and starts one engine (continuous batching thread)
+per base model, and stops them on shutdown; tests build the app in-process. Routes are
+thin: parse (``protocol``), look up the model (``models``), call the serving function
+(``chat``, ``completions``, ``embeddings``). Every failure a client can cause is an
+OpenAI-style error body ``{"error": {"message", "type", "param", "code"}}`` with a 4xx:
+400 bad input (FastAPI's 422 validation errors included), 401 auth, 404 unknown model or
+route, 413 body too large, 429 queue full (with ``Retry-After``).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from folklm.engine.scheduler import Engine, QueueFull
+from folklm.errors import FolkError
+from folklm.serve import chat, completions, embeddings
+from folklm.serve.auth import AuthError, check
+from folklm.serve.metrics import Metrics
+from folklm.serve.models import ModelNotFound, ModelTable
+from folklm.serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    error_body,
+)
+
+WEB = Path(__file__).parent / "web"
+
+
+@dataclass
+class ServeConfig:
+    """What ``folk serve`` starts. ``models``: registry names, paths, loaded ``LLM``
+    objects, or None for the bundled default; ``adapters``: name -> (base, PEFT folder)."""
+
+    models: list[Any] = field(default_factory=lambda: [None])
+    names: list[str | None] | None = None
+    adapters: dict[str, tuple[str, str]] = field(default_factory=dict)
+    api_keys: list[str] = field(default_factory=list)
+    max_batch: int = 16
+    max_queue: int = 256
+    max_len: int | None = None
+    kv_cache_bytes: int = 4 << 30
+    max_adapters: int = 8
+    max_body_bytes: int = 4 << 20
+    dtype: str = "float32"
+
+
+def _model_name(source: Any) -> str:
+    from folklm.defaults import DEFAULT_NAME
+
+    if source is None:
+        return DEFAULT_NAME
+    if isinstance(source, str | Path):
+        p = Path(source)
+        return p.stem if p.suffix == ".gguf" else (p.name if p.exists() else str(source))
+    return Path(getattr(source, "source", "model")).name or "model"
+
+
+def load_engines(config: ServeConfig, table: ModelTable, metrics: Metrics) -> None:
+    import folklm
+    from folklm.engine.multilora import MultiLoRA
+
+    names = config.names or [None] * len(config.models)
+    for source, name in zip(config.models, names, strict=True):
+        llm = source if hasattr(source, "model") else folklm.load(source, dtype=config.dtype)
+        lora = MultiLoRA(llm.model, table.resolve_path, config.max_adapters)
+        engine = Engine(
+            llm,
+            max_batch=config.max_batch,
+            max_queue=config.max_queue,
+            max_len=config.max_len,
+            kv_budget_bytes=config.kv_cache_bytes,
+            lora=lora,
+        )
+        engine.observers.append(metrics.observe)
+        table.add_base(name or _model_name(source), engine)
+    for name, (base, path) in config.adapters.items():
+        table.add_adapter(name, base, Path(path))
+    for warning in table.discover():
+        print(f"folk serve: warning: {warning}", file=sys.stderr)
+
+
+def _error(status: int, message: str, type_: str, param=None, code=None, headers=None):
+    return JSONResponse(error_body(message, type_, param, code), status, headers=headers)
+
+
+class BodyLimit:
+    """ASGI middleware: refuse request bodies above ``limit`` bytes with 413, early."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        too_big = declared is not None and (not declared.isdigit() or int(declared) > self.limit)
+        chunks, size, more = [], 0, not too_big
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            too_big = size > self.limit
+            if too_big:
+                break
+        if too_big:
+            msg = f"request body too large: the limit is {self.limit} bytes"
+            response = _error(413, msg, "invalid_request_error", code="request_too_large")
+            return await response(scope, receive, send)
+        body, sent = b"".join(chunks), False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+
+def build_app(config: ServeConfig | None = None) -> FastAPI:
+    """The server application; models load when its lifespan starts."""
+    config = config or ServeConfig()
+    table = ModelTable()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        load_engines(config, table, metrics)
+        try:
+            yield
+        finally:
+            for served in table.bases.values():
+                served.engine.shutdown()
+
+    app = FastAPI(title="folklm", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.table, app.state.metrics, app.state.config = table, metrics, config
+    app.add_middleware(BodyLimit, limit=config.max_body_bytes)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        route = request.url.path if request.url.path in KNOWN else "other"
+        if request.url.path.startswith("/v1"):
+            try:
+                check(config.api_keys, request.headers.get("authorization"))
+            except AuthError as exc:
+                metrics.count_http(route, 401)
+                return _error(401, str(exc), "invalid_request_error", code="invalid_api_key")
+        response = await call_next(request)
+        metrics.count_http(route, response.status_code)
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        err = (exc.errors() or [{}])[0]
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+        msg = str(err.get("msg", "invalid request"))
+        if err.get("type") == "json_invalid":
+            msg = "the request body is not valid JSON"
+        return _error(400, f"{param + ': ' if param else ''}{msg}", "invalid_request_error", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        return _error(exc.status_code, str(exc.detail), "invalid_request_error")
+
+    @app.exception_handler(ModelNotFound)
+    async def _not_found(request: Request, exc: ModelNotFound):
+        return _error(404, str(exc), "invalid_request_error", "model", "model_not_found")
+
+    @app.exception_handler(QueueFull)
+    async def _busy(request: Request, exc: QueueFull):
+        headers = {"Retry-After": "1"}
+        return _error(429, str(exc), "rate_limit_error", code="queue_full", headers=headers)
+
+    @app.exception_handler(FolkError)
+    async def _folk(request: Request, exc: FolkError):
+        return _error(400, str(exc), "invalid_request_error")
+
+    @app.exception_handler(chat.EngineFailure)
+    async def _engine(request: Request, exc: chat.EngineFailure):
+        return _error(500, str(exc), "server_error")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "models": [m.name for m in table.listing()]}
+
+    @app.get("/metrics")
+    async def metrics_text():
+        engines = {name: s.engine for name, s in table.bases.items()}
+        return PlainTextResponse(metrics.render(engines), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def list_models():
+        data = [
+            {
+                "id": m.name,
+                "object": "model",
+                "created": m.created,
+                "owned_by": "folklm",
+                "parent": m.parent,
+            }  # fmt: skip
+            for m in table.listing()
+        ]
+        return {"object": "list", "data": data}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str):
+        m = table.lookup(model_id)
+        return {"id": m.name, "object": "model", "created": m.created, "owned_by": "folklm"}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest):
+        served = table.lookup(body.model)
+        return await chat.create(body, served, table.token_text[id(served.engine)])
+
+    @app.post("/v1/completions")
+    async def text_completions(body: CompletionRequest):
+        served = table.lookup(body.model)
+        return await completions.create(body, served, table.token_text[id(served.engine)])
+
+    @app.post("/v1/embeddings")
+    async def create_embeddings(body: EmbeddingRequest):
+        return await embeddings.create(body, table.lookup(body.model))
+
+    @app.get("/")
+    async def index():
+        return FileResponse(WEB / "index.html", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/web/{name}")
+    async def web_file(name: str):
+        path = WEB / name
+        if name not in {p.name for p in WEB.iterdir()} or not path.is_file():
+            return _error(404, f"no such file: /web/{name}", "invalid_request_error")
+        return FileResponse(path)
+
+    app.state.started = time.time()
+    return app
+
+
+KNOWN = {
+    "/",
+    "/health",
+    "/metrics",
+    "/v1/models",
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+}
