@@ -252,8 +252,10 @@ def _write(text: str) -> None:
 
 
 from folklm.cli.hub_cmds import register as _register_hub  # noqa: E402
+from folklm.cli.tune_cmds import register as _register_tune  # noqa: E402
 
 _register_hub(app)
+_register_tune(app)
 
 
 def main() -> None:

@@ -1,0 +1,75 @@
+"""Data-parallel training under ``torchrun``: DDP (and FSDP for full fine-tunes).
+
+``torchrun --nproc-per-node N -m folklm.cli.main tune ...`` starts N processes with
+``RANK``/``WORLD_SIZE``/``MASTER_ADDR`` set; each joins one process group (gloo on CPU,
+NCCL on GPUs), holds a full copy of the model (DDP, Li et al., 2020, arXiv:2006.15704) or
+a shard of it (FSDP, Zhao et al., 2023, arXiv:2304.11277), and trains on its own slice of
+each global batch; gradients are averaged across processes in the backward pass.
+Without those variables everything here is a no-op (world size 1).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def context() -> Context:
+    """This process's rank and the world size, joining the process group on first use."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Context()
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+    return Context(dist.get_rank(), dist.get_world_size())
+
+
+def wrap(module: nn.Module, recipe, ctx: Context) -> nn.Module:
+    """DDP (or FSDP when ``recipe.parallel == "fsdp"`` for a full fine-tune) around
+    ``module``; the module itself when not distributed."""
+    if not ctx.active:
+        return module
+    if recipe.parallel == "fsdp" and recipe.method == "full":
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        return FSDP(module, use_orig_params=True)
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(module)
+
+
+def no_sync(module: nn.Module):
+    """Skip the gradient all-reduce (gradient accumulation micro-batches but the last)."""
+    return module.no_sync() if hasattr(module, "no_sync") else nullcontext()
+
+
+def all_reduce_sum(t: torch.Tensor, ctx: Context) -> torch.Tensor:
+    if ctx.active:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def barrier(ctx: Context) -> None:
+    if ctx.active:
+        dist.barrier()
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
