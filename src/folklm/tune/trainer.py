@@ -241,6 +241,7 @@ def train(
     resume: bool = False,
     progress: bool = True,
     on_step: Callable[[int, nn.Module], None] | None = None,
+    on_grads: Callable[[int, nn.Module], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place; metrics, checkpoints and the loss plot go to ``run_dir``.
 
@@ -315,6 +316,8 @@ def train(
                     (loss.float() * scale).backward()
                 loss_sum += loss.detach().double()
             dist_.all_reduce_sum(loss_sum, ctx)
+            if on_grads is not None:  # the reduced, unclipped gradients of this step
+                on_grads(step + 1, model)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm)
             lr = opt.param_groups[0]["lr"]
             opt.step()
