@@ -115,10 +115,12 @@ def test_kill_and_resume_gives_same_weights(tiny_chat, home):
 @pytest.mark.parametrize("method", ["lora", "dora", "qlora", "full"])
 def test_methods_learn_and_register(tiny_chat, home, method):
     out = f"tiny-{method}:v1"
+    imp = folk("import", str(tiny_chat), "--name", "tiny-base:v1", "--license", "apache-2.0")
+    assert imp.returncode == 0, imp.stderr
     extra = ["--merge"] if method == "lora" else []
     extra.append("bf16=true" if method == "dora" else "seed=0")
     r = folk(
-        "tune", str(tiny_chat), "--data", str(SHAREGPT), "--method", method, "--out", out,
+        "tune", "tiny-base:v1", "--data", str(SHAREGPT), "--method", method, "--out", out,
         "--json", *TRAIN, "max_steps=12", "eval_every=6", *extra,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
@@ -132,6 +134,21 @@ def test_methods_learn_and_register(tiny_chat, home, method):
     assert show["operation"] == ("finetune" if method == "full" else "adapter")
     assert show["recipe"]["method"] == method and show["recipe"]["max_steps"] == 12
     assert show["data_files"][0]["sha256"] and show["seed"] == 0
+    assert [p["name"] for p in show["parents"]] == ["tiny-base:v1"]
+    assert show["license"]["expression"].lower() == "apache-2.0"  # inherited
+    if method != "full":
+        assert show["format"] == "adapter"
+        cfg = json.loads((run / "adapter" / "adapter_config.json").read_text())
+        assert cfg["base_model_name_or_path"] == "tiny-base:v1" and cfg["r"] == 8
+        assert cfg["use_dora"] == (method == "dora")
     if method == "lora":
         assert s["merged_entry"] == "tiny-lora-merged:v1"
-        assert (run / "merged" / "model.safetensors").is_file()
+        merged = json.loads(folk("show", "tiny-lora-merged:v1", "--json").stdout)
+        assert [p["name"] for p in merged["parents"]] == [out]
+        # the adapter entry loads as base + fused adapter, equal to the merged model
+        import folklm
+
+        ids = torch.tensor([[5, 17, 3, 99, 42, 7]])
+        a = folklm.load(out, fast=False).model(ids)
+        b = folklm.load("tiny-lora-merged:v1", fast=False).model(ids)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
