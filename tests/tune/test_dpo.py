@@ -77,8 +77,8 @@ def test_dpo_run_raises_heldout_margin(tiny_chat, home, tmp_path):
         subset.write_text("".join(next(f) for _ in range(80)))
     r = folk(
         "tune", str(tiny_chat), "--data", str(subset), "--method", "dpo", "--out", "tiny-dpo:v1",
-        "--json", "max_seq_len=192", "batch_size=4", "max_steps=10", "lr=1e-2", "warmup_steps=0",
-        "eval_max_examples=16", "eval_fraction=0.2", "dpo_beta=0.5", "lora_rank=4",
+        "--json", "max_seq_len=128", "batch_size=4", "max_steps=8", "lr=1e-2", "warmup_steps=0",
+        "eval_max_examples=12", "eval_fraction=0.2", "dpo_beta=0.5", "lora_rank=4",
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     s = json.loads(r.stdout.strip().splitlines()[-1])

@@ -1,11 +1,15 @@
 """Data-parallel training under ``torchrun``: DDP (and FSDP for full fine-tunes).
 
 ``torchrun --nproc-per-node N -m folklm.cli.main tune ...`` starts N processes with
-``RANK``/``WORLD_SIZE``/``MASTER_ADDR`` set; each joins one process group (gloo on CPU,
-NCCL on GPUs), holds a full copy of the model (DDP, Li et al., 2020, arXiv:2006.15704) or
-a shard of it (FSDP, Zhao et al., 2023, arXiv:2304.11277), and trains on its own slice of
+``RANK``/``WORLD_SIZE``/``MASTER_ADDR`` set; each joins one process group, holds a full
+copy of the model (DDP, Li et al., 2020, arXiv:2006.15704) and trains on its own slice of
 each global batch; gradients are averaged across processes in the backward pass.
 Without those variables everything here is a no-op (world size 1).
+
+The trainer keeps tensors on the CPU, so the backend is gloo. PyTorch's FSDP (Zhao et al.,
+2023, arXiv:2304.11277) refuses to run without an accelerator ("FSDP needs a non-CPU
+accelerator device"), so ``parallel=fsdp`` is refused on a CPU-only machine with that
+reason rather than silently falling back.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from folklm.errors import FolkError
 
 
 @dataclass(frozen=True)
@@ -35,8 +41,7 @@ def context() -> Context:
     if world <= 1:
         return Context()
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend="gloo")  # tensors stay on the CPU
     return Context(dist.get_rank(), dist.get_world_size())
 
 
@@ -45,10 +50,11 @@ def wrap(module: nn.Module, recipe, ctx: Context) -> nn.Module:
     ``module``; the module itself when not distributed."""
     if not ctx.active:
         return module
-    if recipe.parallel == "fsdp" and recipe.method == "full":
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        return FSDP(module, use_orig_params=True)
+    if recipe.parallel == "fsdp":
+        raise FolkError(
+            "parallel=fsdp: PyTorch's FSDP needs a GPU and folklm trains on the CPU; "
+            "use parallel=ddp"
+        )
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     return DDP(module)
