@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import folklm
 from folklm.tune.loss import linear_cross_entropy
 from folklm.tune.recipe import Recipe, build_recipe
 from folklm.tune.trainer import DataStream, lr_factor
@@ -117,7 +118,7 @@ def test_methods_learn_and_register(tiny_chat, home, method):
     out = f"tiny-{method}:v1"
     imp = folk("import", str(tiny_chat), "--name", "tiny-base:v1", "--license", "apache-2.0")
     assert imp.returncode == 0, imp.stderr
-    extra = ["--merge"] if method == "lora" else []
+    extra = ["--merge"] if method in ("lora", "qlora") else []
     extra.append("bf16=true" if method == "dora" else "seed=0")
     r = folk(
         "tune", "tiny-base:v1", "--data", str(SHAREGPT), "--method", method, "--out", out,
@@ -141,13 +142,15 @@ def test_methods_learn_and_register(tiny_chat, home, method):
         cfg = json.loads((run / "adapter" / "adapter_config.json").read_text())
         assert cfg["base_model_name_or_path"] == "tiny-base:v1" and cfg["r"] == 8
         assert cfg["use_dora"] == (method == "dora")
+    if method == "qlora":  # the merged model is dense: the NF4 base dequantized + adapter
+        merged = folklm.load(s["merged_entry"], fast=False)
+        assert all(type(m).__name__ != "NF4Linear" for m in merged.model.modules())
+        assert torch.isfinite(merged.model(torch.tensor([[5, 17, 3]]))).all()
     if method == "lora":
         assert s["merged_entry"] == "tiny-lora-merged:v1"
         merged = json.loads(folk("show", "tiny-lora-merged:v1", "--json").stdout)
         assert [p["name"] for p in merged["parents"]] == [out]
         # the adapter entry loads as base + fused adapter, equal to the merged model
-        import folklm
-
         ids = torch.tensor([[5, 17, 3, 99, 42, 7]])
         a = folklm.load(out, fast=False).model(ids)
         b = folklm.load("tiny-lora-merged:v1", fast=False).model(ids)

@@ -252,6 +252,20 @@ def merge_lora(model: nn.Module) -> list[str]:
     return [n for n, _ in found]
 
 
+def dequantize_linears(model: nn.Module) -> list[str]:
+    """Replace every quantized linear (a QLoRA base) by a dense ``nn.Linear``."""
+    names = [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
+    for name in names:
+        q = model.get_submodule(name)
+        lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None)
+        with torch.no_grad():
+            lin.weight.copy_(q.dequantize(torch.float32))
+            if q.bias is not None:
+                lin.bias.copy_(q.bias)
+        _swap(model, name, lin.requires_grad_(False))
+    return names
+
+
 def merge_adapter_into(
     model: nn.Module, layers: dict[str, LoraWeights], config: AdapterConfig
 ) -> None:

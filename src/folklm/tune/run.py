@@ -187,7 +187,7 @@ def _save_and_register(
     from folklm.checkpoint.hf import save_folder
     from folklm.checkpoint.peft import save_adapter
     from folklm.hub.register import register_model
-    from folklm.tune.lora import adapter_state, merge_lora
+    from folklm.tune.lora import adapter_state, dequantize_linears, merge_lora
 
     full_recipe = {
         **recipe.to_dict(),
@@ -213,6 +213,7 @@ def _save_and_register(
     out["entry"] = entry.name
     if merge:
         merge_lora(llm.model)
+        dequantize_linears(llm.model)  # QLoRA: the merged model is dense (NF4 base dequantized)
         mfolder = run_dir / "merged"
         tensors = {k: v.detach() for k, v in llm.model.state_dict().items()}
         save_folder(mfolder, plain_config, tensors, llm.tokenizer.files(), llm.generation_config)
