@@ -71,7 +71,7 @@ def _run_dir(home, out):
 
 def test_kill_and_resume_gives_same_weights(tiny_chat, home):
     args = [str(tiny_chat), "--data", str(ALPACA), "--no-progress", "--json"]
-    args += [*TRAIN, "max_steps=40", "save_every=5", "lora_dropout=0.1", "seed=5"]
+    args += [*TRAIN, "max_steps=30", "save_every=4", "lora_dropout=0.1", "seed=5"]
     full = folk("tune", *args, "--out", "whole:v1")
     assert full.returncode == 0, full.stderr
 
@@ -85,21 +85,21 @@ def test_kill_and_resume_gives_same_weights(tiny_chat, home):
         if metrics.is_file():
             rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
             steps = [r["step"] for r in rows if r["type"] == "train"]
-            if steps and steps[-1] >= 12:
+            if steps and steps[-1] >= 10:
                 proc.send_signal(signal.SIGKILL)
                 killed_at = steps[-1]
                 break
-        time.sleep(0.005)
+        time.sleep(0.02)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    assert killed_at is not None and killed_at < 40
+    assert killed_at is not None and killed_at < 30
     assert not (_run_dir(home, "cut:v1") / "adapter").exists()
     assert folk("show", "cut:v1").returncode != 0  # nothing registered
 
     resumed = folk("tune", *args, "--out", "cut:v1", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     summary = json.loads(resumed.stdout.strip().splitlines()[-1])
-    assert 10 <= summary["resumed_from"] <= killed_at
+    assert 8 <= summary["resumed_from"] <= killed_at
     a = load_file(str(_run_dir(home, "whole:v1") / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(_run_dir(home, "cut:v1") / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
@@ -110,7 +110,7 @@ def test_kill_and_resume_gives_same_weights(tiny_chat, home):
         for r in map(json.loads, (_run_dir(home, run) / "metrics.jsonl").read_text().splitlines())
         if r["type"] == "train"
     ]
-    assert loss("whole:v1") == loss("cut:v1") and len(loss("cut:v1")) == 40
+    assert loss("whole:v1") == loss("cut:v1") and len(loss("cut:v1")) == 30
 
 
 @pytest.mark.parametrize("method", ["lora", "dora", "qlora", "full"])
