@@ -252,9 +252,9 @@ def _write(text: str) -> None:
 
 
 # Each command family lives in its own module with a register(app) function.
-from folklm.cli import hub_cmds, merge_cmds, quant_cmds, serve_cmds  # noqa: E402
+from folklm.cli import hub_cmds, merge_cmds, quant_cmds, serve_cmds, tune_cmds  # noqa: E402
 
-for _commands in (hub_cmds, quant_cmds, merge_cmds, serve_cmds):
+for _commands in (hub_cmds, quant_cmds, tune_cmds, merge_cmds, serve_cmds):
     _commands.register(app)
 
 

@@ -195,6 +195,11 @@ def load(
         from folklm.hub.api import resolve_model  # the local hub: NAME[:TAG] -> files
 
         path = resolve_model(str(source))
+    if path.is_dir() and not (path / "config.json").exists():
+        from folklm.checkpoint.peft import is_adapter_dir
+
+        if is_adapter_dir(path):
+            return _load_with_adapter(path, dtype, allow_pickle, fast, t0)
     if path.is_dir():
         config = read_config(path)
         tensors = read_weights(path, allow_pickle=allow_pickle)
@@ -231,3 +236,27 @@ def load(
 
         pack_linears(model)
     return LLM(model, tokenizer, gen_config, str(path), time.perf_counter() - t0)
+
+
+def _load_with_adapter(path: Path, dtype, allow_pickle: bool, fast: bool, t0: float) -> LLM:
+    """A PEFT adapter folder: load the base it names and fuse the adapter into it."""
+    from folklm.checkpoint.peft import fused_weight, load_adapter
+
+    adapter = load_adapter(path, allow_pickle=allow_pickle)
+    base = adapter.config.base_model_name_or_path
+    if not base:
+        raise CheckpointError(f"{path}: the adapter does not name its base model")
+    llm = load(base, dtype, allow_pickle, fast=False)
+    for name, w in adapter.layers.items():
+        try:
+            lin = llm.model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"{path}: adapter layer {name!r} is not in {base}") from None
+        with torch.no_grad():
+            lin.weight.copy_(fused_weight(lin.weight, w, adapter.config.scaling))
+    if fast:
+        from folklm.engine.fast import pack_linears
+
+        pack_linears(llm.model)
+    llm.source, llm.load_seconds = str(path), time.perf_counter() - t0
+    return llm

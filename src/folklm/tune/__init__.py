@@ -1,0 +1,1 @@
+"""Fine-tuning: LoRA / QLoRA / DoRA / full SFT and DPO, with PEFT-format adapters."""
