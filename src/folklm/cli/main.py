@@ -255,6 +255,10 @@ from folklm.cli.hub_cmds import register as _register_hub  # noqa: E402
 
 _register_hub(app)
 
+from folklm.cli.eval_cmds import register as _register_eval  # noqa: E402
+
+_register_eval(app)
+
 
 def main() -> None:
     try:
