@@ -80,13 +80,18 @@ def test_bad_input_gives_one_line_errors(tiny_models, tmp_path):
     line = one_line_error(folk("eval", str(folder), "--tasks", "hellaswag,nope"), "'nope'")
     assert "hellaswag" in line and "winogrande" in line  # the known tasks are listed
     # --limit 0 and malformed specs: test_tasks.py (the same FolkError, printed by main())
-    rows = [{"question": "t5", "options": ["t6", "t7"], "answer": 1},
-            {"question": "t8", "options": ["t9", "t10"], "answer": 0},
-            {"question": "t11", "options": ["t12", "t13"]}]
+    rows = [
+        {"question": "t5", "options": ["t6", "t7"], "answer": 1},
+        {"question": "t8", "options": ["t9", "t10"], "answer": 0},
+        {"question": "t11", "options": ["t12", "t13"]},
+    ]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     spec = tmp_path / "s.yaml"
     spec.write_text(Path(SPEC).read_text().replace("tiny_mc.jsonl", "d.jsonl"))
     out = tmp_path / "out"
-    one_line_error(folk("eval", str(folder), "--tasks", str(spec), "--output", str(out)),
-                   "d.jsonl record 2", "'gold'")
+    one_line_error(
+        folk("eval", str(folder), "--tasks", str(spec), "--output", str(out)),
+        "d.jsonl record 2",
+        "'gold'",
+    )
     assert not out.exists()  # nothing half-written

@@ -43,8 +43,10 @@ def test_prompt_formats_follow_the_harness():
     assert [c for _, c in bq["requests"]] == [" no", " yes"]
     (mm,) = _first("mmlu_anatomy")
     ctx = mm["requests"][0][0]
-    assert ctx.startswith("The following are multiple choice questions (with answers) about "
-                          "anatomy.\n\nA lesion causing")
+    assert ctx.startswith(
+        "The following are multiple choice questions (with answers) about "
+        "anatomy.\n\nA lesion causing"
+    )
     assert "\nA. paralysis of the facial muscles.\nB. " in ctx and ctx.endswith("\nAnswer:")
     assert [c for _, c in mm["requests"]] == [" A", " B", " C", " D"]
     (lb,) = _first("lambada_openai")
@@ -82,8 +84,10 @@ def test_gsm8k_extraction_matches_the_harness_on_every_gold_answer():
         ours = [M.regex_extract(a, f.regex, f.group_select, f.fallback) for a in answers]
         assert ours == [r[0] for r in ref]
         if f.name == "strict-match":
-            scores = [M.exact_match(o, a, spec.regexes_to_ignore, True)
-                      for o, a in zip(ours, answers, strict=True)]
+            scores = [
+                M.exact_match(o, a, spec.regexes_to_ignore, True)
+                for o, a in zip(ours, answers, strict=True)
+            ]
             assert sum(scores) == len(answers)  # 100 % on the gold answers
             theirs = exact_match_hf_evaluate(ours, answers, spec.regexes_to_ignore, True)
             assert theirs["exact_match"] == 1.0
@@ -137,11 +141,14 @@ def test_malformed_spec_names_the_field(tmp_path, patch, message):
 
 
 def test_missing_answer_field_names_the_record(tmp_path):
-    rows = [{"question": "t5", "options": ["t6", "t7"], "answer": 0},
-            {"question": "t8", "options": ["t9", "t10"]}]
+    rows = [
+        {"question": "t5", "options": ["t6", "t7"], "answer": 0},
+        {"question": "t8", "options": ["t9", "t10"]},
+    ]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "s.yaml").write_text((HERE / "data/tiny_mc.yaml").read_text().replace(
-        "tiny_mc.jsonl", "d.jsonl"))
+    (tmp_path / "s.yaml").write_text(
+        (HERE / "data/tiny_mc.yaml").read_text().replace("tiny_mc.jsonl", "d.jsonl")
+    )
     with pytest.raises(FolkError, match=r"d.jsonl record 1: missing field for 'gold'.*answer"):
         build_requests(load_spec(tmp_path / "s.yaml"))
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from lm_eval.api.model import LM
+import lm_eval.models  # noqa: F401  (the built-in models first: lm-eval registers them only
+from lm_eval.api.model import LM  # into an empty registry, and ours would make it non-empty)
 from lm_eval.api.registry import register_model
 
 from folklm.eval.scorer import Scorer

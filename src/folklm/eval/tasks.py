@@ -3,16 +3,19 @@
 The spec mirrors the task configuration of EleutherAI's lm-evaluation-harness (Gao et al.,
 2023, "A framework for few-shot language model evaluation", doi:10.5281/zenodo.5371628,
 ``lm_eval/tasks/*/*.yaml``): ``text`` is the prompt (``doc_to_text``), ``choices`` the
-answer options (``doc_to_choice``), ``gold`` the right option (index or text), ``target`` the
-answer or continuation (``doc_to_target``), ``contexts`` the per-option prompts of partial-scoring tasks such as
-Winogrande; each option is scored as ``target_delimiter + option`` after the prompt, and
-few-shot examples are ``text + target_delimiter + answer`` joined by ``fewshot_delimiter``
-after the ``description``. Templates are Jinja (sandboxed) over the record's fields.
+answer options (``doc_to_choice``), ``gold`` the right option (index or text), ``target``
+the answer or continuation (``doc_to_target``), ``contexts`` the per-option prompts of
+partial-scoring tasks such as Winogrande; each option is scored as
+``target_delimiter + option`` after the prompt, and few-shot examples are
+``text + target_delimiter + answer`` joined by ``fewshot_delimiter`` after the
+``description``. Templates are Jinja (sandboxed) over the record's fields.
 
 Task kinds:
     multiple_choice  log-likelihood of each option; acc and acc_norm (per-character).
+                     ``contexts`` + ``target``: one continuation after each context.
     loglikelihood    one continuation; perplexity and acc (greedy match), e.g. LAMBADA.
-    rolling          the whole document; word perplexity, byte perplexity, bits per byte.
+    rolling          the whole document; word perplexity, byte perplexity, bits per byte
+                     (words and bytes of a record's ``count_text`` field when it has one).
     generate         greedy generation until a stop string; filters extract the answer
                      (regex, first match or ``group_select``); exact match.
 """
