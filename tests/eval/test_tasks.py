@@ -157,3 +157,12 @@ def test_limit_zero_is_refused():
     (spec,) = resolve_tasks("arc_easy")
     with pytest.raises(FolkError, match="--limit must be >= 1, got 0"):
         build_requests(spec, limit=0)
+
+
+def test_chat_template_wraps_the_prompt_and_drops_the_delimiter():
+    """As the harness with apply_chat_template: the options follow the assistant turn."""
+    (spec,) = resolve_tasks("arc_easy")
+    _, items = build_requests(spec, limit=1, chat_template=lambda s: f"<user>{s}</user>")
+    ctx, cont = items[0]["requests"][0]
+    assert ctx.startswith("<user>Question: ") and ctx.endswith("\nAnswer:</user>")
+    assert cont == "Sunlight is the source of energy for nearly all ecosystems."

@@ -18,11 +18,16 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-import lm_eval.models  # noqa: F401  (the built-in models first: lm-eval registers them only
-from lm_eval.api.model import LM  # into an empty registry, and ours would make it non-empty)
-from lm_eval.api.registry import register_model
+from folklm.errors import FolkError
 
-from folklm.eval.scorer import Scorer
+try:
+    import lm_eval.models  # noqa: F401  (the built-in models first: lm-eval registers them
+    from lm_eval.api.model import LM  # only into an empty registry, which ours would fill)
+    from lm_eval.api.registry import register_model
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise FolkError("the lm-eval plug-in needs lm-eval: pip install 'folklm[harness]'") from e
+
+from folklm.eval.scorer import Scorer  # noqa: E402
 
 
 @register_model("folklm")
