@@ -90,7 +90,7 @@ def test_agrees_with_lm_eval_hf_backend(default_llm, task):
     _, items = build_requests(spec, limit=6)
     reqs = [r for it in items for r in it["requests"]]
     ours = Scorer(default_llm, batch_size=8).loglikelihood(reqs)
-    lm = HFLM(pretrained=str(default_model_folder()), dtype="float32", batch_size=8)
+    lm = HFLM(pretrained=str(default_model_folder()), dtype="float32", batch_size=8, device="cpu")
     theirs = lm.loglikelihood(
         [Instance("loglikelihood", {}, r, i, (task, i, 1)) for i, r in enumerate(reqs)],
         disable_tqdm=True,
