@@ -252,9 +252,16 @@ def _write(text: str) -> None:
 
 
 # Each command family lives in its own module with a register(app) function.
-from folklm.cli import hub_cmds, merge_cmds, quant_cmds, serve_cmds, tune_cmds  # noqa: E402
+from folklm.cli import (  # noqa: E402
+    eval_cmds,
+    hub_cmds,
+    merge_cmds,
+    quant_cmds,
+    serve_cmds,
+    tune_cmds,
+)
 
-for _commands in (hub_cmds, quant_cmds, tune_cmds, merge_cmds, serve_cmds):
+for _commands in (hub_cmds, quant_cmds, tune_cmds, merge_cmds, eval_cmds, serve_cmds):
     _commands.register(app)
 
 

@@ -1,4 +1,6 @@
-"""Measuring models: perplexity / bits per byte now; task suites and lm-eval later."""
+"""Measuring models: perplexity and bits per byte (``perplexity``), benchmark tasks in
+lm-evaluation-harness's formats (``tasks``, ``builtin``, ``runner``), the lm-eval plug-in
+(``harness``)."""
 
 from folklm.eval.perplexity import perplexity
 

@@ -1,0 +1,168 @@
+"""Task specs, prompt formats, few-shot, metrics and answer extraction (no model needed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from folklm.errors import FolkError
+from folklm.eval import metrics as M
+from folklm.eval.builtin import DATA_ROOT, GROUPS, known_tasks, resolve_tasks
+from folklm.eval.runner import build_requests
+from folklm.eval.tasks import load_spec
+
+HERE = Path(__file__).resolve().parent
+
+
+def _first(task: str, **kw):
+    (spec,) = resolve_tasks(task)
+    return build_requests(spec, limit=kw.pop("limit", 1), **kw)[1]
+
+
+def test_prompt_formats_follow_the_harness():
+    (arc,) = _first("arc_easy")
+    ctx, cont = arc["requests"][0]
+    assert ctx.startswith("Question: Which statement") and ctx.endswith("\nAnswer:")
+    assert cont == " Sunlight is the source of energy for nearly all ecosystems."
+    (hs,) = _first("hellaswag")  # ctx_b capitalised, as the harness's process_docs does
+    assert hs["requests"][0] == (
+        "Roof shingle removal: A man is sitting on a roof. He",
+        " is using wrap to wrap a pair of skis.",
+    )
+    assert hs["gold"] == 3
+    (wg,) = _first("winogrande")  # partial scoring: the option is in the context
+    assert wg["requests"] == [
+        ("Sarah was a much better surgeon than Maria so Sarah", " always got the easier cases."),
+        ("Sarah was a much better surgeon than Maria so Maria", " always got the easier cases."),
+    ]
+    (bq,) = _first("boolq")
+    assert not bq["requests"][0][0].startswith("Passage:")
+    assert bq["requests"][0][0].endswith("?\nAnswer:")
+    assert [c for _, c in bq["requests"]] == [" no", " yes"]
+    (mm,) = _first("mmlu_anatomy")
+    ctx = mm["requests"][0][0]
+    assert ctx.startswith(
+        "The following are multiple choice questions (with answers) about "
+        "anatomy.\n\nA lesion causing"
+    )
+    assert "\nA. paralysis of the facial muscles.\nB. " in ctx and ctx.endswith("\nAnswer:")
+    assert [c for _, c in mm["requests"]] == [" A", " B", " C", " D"]
+    (lb,) = _first("lambada_openai")
+    assert lb["requests"][0][1] == " signs" and not lb["requests"][0][0].endswith(" ")
+
+
+def test_gsm8k_fewshot_is_seeded_and_never_the_item_itself():
+    a = _first("gsm8k", limit=3)
+    b = _first("gsm8k", limit=3)
+    c = _first("gsm8k", limit=3, seed=7)
+    assert [x["context"] for x in a] == [x["context"] for x in b]
+    assert [x["context"] for x in a] != [x["context"] for x in c]
+    ctx = a[0]["context"]
+    assert ctx.count("Question: ") == 6 and ctx.count("#### ") == 5
+    assert ctx.endswith("\nAnswer:") and "\n\nQuestion: Janet" in ctx
+
+
+def test_mmlu_group_and_zero_shot_first_n():
+    assert len(GROUPS["mmlu"]) == 57 and len(resolve_tasks("mmlu")) == 57
+    (mm,) = _first("mmlu_anatomy", shots=2)
+    dev = (DATA_ROOT / "mmlu/dev/anatomy_dev.csv").read_text().splitlines()[0]
+    assert dev.split(",")[0] in mm["requests"][0][0]  # first_n: the first dev question
+
+
+def test_gsm8k_extraction_matches_the_harness_on_every_gold_answer():
+    """lm-eval's own RegexFilter and exact_match on the reference solutions: 100 %."""
+    from lm_eval.api.metrics import exact_match_hf_evaluate
+    from lm_eval.filters.extraction import RegexFilter
+
+    (spec,) = resolve_tasks("gsm8k")
+    answers = [json.loads(x)["answer"] for x in open(DATA_ROOT / "gsm8k/test.jsonl")]
+    assert len(answers) == 1319
+    for f in spec.filters:
+        ref = RegexFilter(f.regex, f.group_select, f.fallback).apply([[a] for a in answers], [])
+        ours = [M.regex_extract(a, f.regex, f.group_select, f.fallback) for a in answers]
+        assert ours == [r[0] for r in ref]
+        if f.name == "strict-match":
+            scores = [
+                M.exact_match(o, a, spec.regexes_to_ignore, True)
+                for o, a in zip(ours, answers, strict=True)
+            ]
+            assert sum(scores) == len(answers)  # 100 % on the gold answers
+            theirs = exact_match_hf_evaluate(ours, answers, spec.regexes_to_ignore, True)
+            assert theirs["exact_match"] == 1.0
+
+
+def test_stderr_formulas_are_the_harness_ones():
+    from lm_eval.api.metrics import mean_stderr, pooled_sample_stderr
+
+    xs = [1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0]
+    assert M.mean_stderr(xs) == pytest.approx(mean_stderr(xs))
+    assert M.pooled_stderr([0.1, 0.05], [10, 40]) == pytest.approx(
+        pooled_sample_stderr([0.1, 0.05], [10, 40])
+    )
+
+
+def test_user_yaml_spec_loads_with_paths_relative_to_it():
+    spec = load_spec(HERE / "data/tiny_mc.yaml")
+    assert spec.name == "tiny_mc" and Path(spec.data) == HERE / "data/tiny_mc.jsonl"
+    _, items = build_requests(spec, limit=2)
+    assert items[0]["requests"][0] == ("t3 t124 t22 t53 t86 t4", " t12")
+
+
+def test_unknown_task_lists_the_known_ones():
+    with pytest.raises(FolkError, match="unknown task 'helaswag'; known: arc_challenge"):
+        resolve_tasks("helaswag")
+    assert "hellaswag" in known_tasks()
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        ({"kind": "essay"}, "field 'kind' must be one of"),
+        ({"colour": "red"}, "unknown field 'colour'"),
+        ({"gold": None}, "field 'gold'"),
+        ({"num_fewshot": -1}, "field 'num_fewshot'"),
+        ({"metrics": ["bleu"]}, "field 'metrics'"),
+        ({"text": "{{ question "}, "bad template"),
+    ],
+)
+def test_malformed_spec_names_the_field(tmp_path, patch, message):
+    import yaml
+
+    raw = yaml.safe_load((HERE / "data/tiny_mc.yaml").read_text())
+    raw.update(patch)
+    raw = {k: v for k, v in raw.items() if v is not None}
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(yaml.safe_dump(raw))
+    with pytest.raises(FolkError, match=message) as e:
+        load_spec(spec)
+    assert str(spec) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_answer_field_names_the_record(tmp_path):
+    rows = [
+        {"question": "t5", "options": ["t6", "t7"], "answer": 0},
+        {"question": "t8", "options": ["t9", "t10"]},
+    ]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "s.yaml").write_text(
+        (HERE / "data/tiny_mc.yaml").read_text().replace("tiny_mc.jsonl", "d.jsonl")
+    )
+    with pytest.raises(FolkError, match=r"d.jsonl record 1: missing field for 'gold'.*answer"):
+        build_requests(load_spec(tmp_path / "s.yaml"))
+
+
+def test_limit_zero_is_refused():
+    (spec,) = resolve_tasks("arc_easy")
+    with pytest.raises(FolkError, match="--limit must be >= 1, got 0"):
+        build_requests(spec, limit=0)
+
+
+def test_chat_template_wraps_the_prompt_and_drops_the_delimiter():
+    """As the harness with apply_chat_template: the options follow the assistant turn."""
+    (spec,) = resolve_tasks("arc_easy")
+    _, items = build_requests(spec, limit=1, chat_template=lambda s: f"<user>{s}</user>")
+    ctx, cont = items[0]["requests"][0]
+    assert ctx.startswith("<user>Question: ") and ctx.endswith("\nAnswer:</user>")
+    assert cont == "Sunlight is the source of energy for nearly all ecosystems."
