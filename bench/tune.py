@@ -64,20 +64,12 @@ def run_folklm(model: str, batches: dict, lr: float) -> tuple[list[float], list[
     prepare_model(llm, recipe, None)
     llm.model.train()
     module = SFTTask().module(llm.model)
-    params = [p for p in llm.model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
-    times, losses = [], []
-    for ids, labels in zip(batches["input_ids"], batches["labels"], strict=True):
-        t0 = time.perf_counter()
+
+    def step_loss(ids, labels):
         units = int((labels[:, 1:] != -100).sum())
-        loss = module(ids, labels) / units  # the trainer's loss: sum / target tokens
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
-        losses.append(loss.item())
-    return times, losses
+        return module(ids, labels) / units  # the trainer's loss: sum / target tokens
+
+    return train_steps(llm.model, step_loss, batches, lr)
 
 
 def run_peft(model: str, batches: dict, lr: float) -> tuple[list[float], list[float]]:
@@ -89,12 +81,17 @@ def run_peft(model: str, batches: dict, lr: float) -> tuple[list[float], list[fl
     torch.manual_seed(0)
     pm = get_peft_model(hf, cfg)
     pm.train()
-    params = [p for p in pm.parameters() if p.requires_grad]
+    return train_steps(pm, lambda ids, labels: pm(input_ids=ids, labels=labels).loss, batches, lr)
+
+
+def train_steps(model, step_loss, batches: dict, lr: float) -> tuple[list[float], list[float]]:
+    """The same AdamW + clipping loop for both engines: seconds and loss per step."""
+    params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
     times, losses = [], []
     for ids, labels in zip(batches["input_ids"], batches["labels"], strict=True):
         t0 = time.perf_counter()
-        loss = pm(input_ids=ids, labels=labels).loss
+        loss = step_loss(ids, labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

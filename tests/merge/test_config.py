@@ -60,11 +60,11 @@ def test_filters_pick_the_first_match_and_models_override_globals():
 def test_adapter_references():
     c = parse_config(
         cfg(
-            models=[{"model": "base+/tmp/ad", "parameters": {"weight": 1}}],
+            models=[{"model": "base+adapters/ad", "parameters": {"weight": 1}}],
             parameters={"density": 1},
         )
     )
-    assert (c.models[0].ref, c.models[0].adapter) == ("base", "/tmp/ad")
+    assert (c.models[0].ref, c.models[0].adapter) == ("base", "adapters/ad")
 
 
 @pytest.mark.parametrize(
