@@ -4,6 +4,10 @@
 ``load_quantized`` save and reload the result without re-quantizing. See ``api``.
 """
 
+from folklm.kernels.base import QuantizedLinear
+from folklm.kernels.int4 import Int4Linear
+from folklm.kernels.int8 import Int8Linear
+from folklm.kernels.nf4 import NF4Linear
 from folklm.quant.api import (
     SCHEMES,
     load_quantized,
@@ -12,11 +16,7 @@ from folklm.quant.api import (
     quantize,
     quantized_state_dict,
 )
-from folklm.quant.base import QuantizedLinear
 from folklm.quant.gptq import GPTQConfig
-from folklm.quant.int4 import Int4Linear
-from folklm.quant.int8 import Int8Linear
-from folklm.quant.nf4 import NF4Linear
 
 __all__ = [
     "SCHEMES",

@@ -26,18 +26,18 @@ from torch import nn
 
 from folklm.config import ModelConfig
 from folklm.errors import CheckpointError, FolkError
+from folklm.kernels.base import QuantizedLinear
+from folklm.kernels.int4 import Int4Linear, check_group_size
+from folklm.kernels.int8 import Int8Linear
+from folklm.kernels.nf4 import NF4Linear
 from folklm.models.registry import build_model
 from folklm.ops.rope import RotaryEmbedding, inv_frequencies
-from folklm.quant.base import QuantizedLinear
 from folklm.quant.gptq import (
     GPTQConfig,
     calibration_batches,
     decoder_layers,
     gptq_quantize_model,
 )
-from folklm.quant.int4 import Int4Linear, check_group_size
-from folklm.quant.int8 import Int8Linear
-from folklm.quant.nf4 import NF4Linear
 
 SCHEMES = (
     "int8",
