@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from folklm.errors import FolkError
+from folklm.hub.resolve import hub_name
 
 
 def _fmt(value, stderr) -> str:
@@ -33,14 +34,8 @@ def _print_table(title: str, headers: list[str], body: list[list[str]]) -> None:
 
 def _model_name(model: str | None) -> tuple[str | None, str]:
     """(registry name to store results under or None, label for output)."""
-    from folklm.defaults import DEFAULT_NAME
-    from folklm.engine.llm import is_registry_name
-
-    if model is None:
-        return DEFAULT_NAME, DEFAULT_NAME
-    if not Path(model).expanduser().exists() and is_registry_name(model):
-        return model, model
-    return None, model
+    name = hub_name(model)
+    return name, name if model is None else model
 
 
 def _compare(a: str, b: str, as_json: bool) -> None:

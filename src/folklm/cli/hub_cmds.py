@@ -1,7 +1,7 @@
 """``folk`` commands for the local model hub: import, ls, show, rm, tag, verify, gc, lineage,
 export, card, transparency.
 
-Each command is a thin wrapper over :mod:`folklm.hub.api` (and ``hub.export``,
+Each command is a thin wrapper over :mod:`folklm.hub.api` (and :mod:`folklm.export`,
 ``hub.card``, ``hub.transparency``): it validates nothing itself, prints a ``rich`` table
 or, with ``--json``, one JSON document, and lets ``FolkError`` become the one-line
 ``folk: error: ...`` of ``folk``'s ``main()``. Licence and naming warnings recorded with
@@ -333,7 +333,7 @@ def lineage_cmd(name: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the output path as JSON.")
 def export_cmd(name: str, out: str, fmt: str, dtype: str, force: bool, as_json: bool) -> None:
     """Export a model as a Hugging Face folder (DIR) or a GGUF file (in DIR)."""
-    from folklm.hub.export import export
+    from folklm.export import export
 
     dtypes = {k: k for k in ("auto", "f32", "f16", "bf16", "q8_0", "q4_0")}
     if fmt == "hf":

@@ -27,7 +27,9 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise FolkError("the lm-eval plug-in needs lm-eval: pip install 'folklm[harness]'") from e
 
+from folklm.engine.llm import load  # noqa: E402
 from folklm.eval.scorer import Scorer  # noqa: E402
+from folklm.hub.resolve import resolve_path  # noqa: E402
 
 
 @register_model("folklm")
@@ -45,9 +47,7 @@ class FolkLM(LM):
     ) -> None:
         super().__init__()
         if llm is None:
-            import folklm
-
-            llm = folklm.load(model or None, dtype=dtype)
+            llm = load(resolve_path(model or None), dtype=dtype, resolve_base=resolve_path)
         size = 16 if str(batch_size).startswith("auto") else int(batch_size)
         self.scorer = Scorer(llm, batch_size=size, max_length=max_length)
 

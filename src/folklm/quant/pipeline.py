@@ -4,21 +4,26 @@ The library function behind the command: load the float model, check everything 
 be checked before any work (scheme, output name, calibration file, not already
 quantized), quantize, save a Hugging Face folder whose ``config.json`` records the scheme
 (``quantization_config``) and whose ``model.safetensors`` holds the integer codes and
-scales, then register it through :func:`folklm.hub.register.register_model` with its
-parent, the full recipe and the hash of the calibration data.
+scales, all inside :func:`folklm.hub.derive.derive`, which registers it with its parent, the full
+recipe and the hash of the calibration data, or leaves nothing behind on failure.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from folklm.checkpoint.hf import save_folder
+from folklm.engine.llm import load
 from folklm.errors import FolkError
+from folklm.hub.derive import derive
+from folklm.hub.names import parse_ref
+from folklm.hub.resolve import resolve, resolve_path
 from folklm.quant.api import parse_scheme, quantize, quantized_state_dict
 from folklm.quant.gptq import GPTQConfig
 
@@ -41,20 +46,11 @@ def read_text(path: str | os.PathLike, what: str = "calibration file") -> str:
 
 
 def _source(model: str | None) -> tuple[Path, str | None]:
-    """(files, parent registry name or None) for a registry name, a path or the default."""
-    from folklm.engine.llm import is_registry_name
-    from folklm.hub.api import resolve_model
-
-    if model is None:
-        from folklm.defaults import DEFAULT_NAME
-
-        model = DEFAULT_NAME
-    path = Path(model).expanduser()
-    if not path.exists() and is_registry_name(model):
-        return resolve_model(model), model
-    if not path.exists():
-        raise FolkError(f"{path}: no such file or folder")
-    return path, None
+    """(files, parent hub name or None) for a hub name, a path or the default."""
+    src = resolve(model)
+    if not src.path.exists():
+        raise FolkError(f"{src.path}: no such file or folder")
+    return src.path, src.name
 
 
 def _already_quantized(path: Path) -> str | None:
@@ -87,7 +83,7 @@ def quantize_model(
 
     Args:
         model: registry name, Hugging Face folder or ``.gguf`` file (None: the default).
-        scheme: one of :data:`folklm.quant.api.SCHEMES`.
+        scheme: one of :data:`folklm.kernels.schemes.SCHEMES`.
         out: ``NAME[:TAG]`` of the new entry.
         calibration: a UTF-8 text file (GPTQ only).
         dtype: dtype of the scales and of the float parts (embeddings, norms).
@@ -98,16 +94,8 @@ def quantize_model(
     Returns:
         The new hub :class:`~folklm.hub.catalogue.Entry`.
     """
-    import torch
-
-    import folklm
-    from folklm.checkpoint.hf import save_folder
-    from folklm.hub.names import parse_ref
-    from folklm.hub.register import register_model
-
-    started = time.time()
     s = parse_scheme(scheme)
-    parse_ref(out)  # a bad output name fails before any work
+    parse_ref(out)  # a bad output name fails before any work (derive checks it again)
     if s.method == "gptq" and calibration is None:
         raise FolkError(f"scheme {s.name} needs --calibration FILE (UTF-8 text)")
     if s.method != "gptq" and calibration is not None:
@@ -118,47 +106,40 @@ def quantize_model(
     if done is not None:
         what = parent or str(path)
         raise FolkError(f"{what} is already quantized ({done}); quantize its float parent")
-    torch.manual_seed(seed)
-    llm = folklm.load(path, dtype=dtype, fast=False)
-    cfg = gptq or (GPTQConfig(act_order=True) if s.method == "gptq" else None)
-    quantize(
-        llm,
-        s.name,
-        calibration=text,
-        keep_embeddings_and_head=keep_head,
-        progress=progress,
-        gptq=cfg,
+    derivation = derive(
+        out,
+        "quantize",
+        parents=[parent] if parent else [],
+        data_files=[calibration] if calibration is not None else [],
+        seed=seed,
+        license=license,
+        description=f"{parent or path.name} quantized with folklm ({s.name})",
+        source_info=None if parent else {"path": str(path)},
     )
-    llm.config.torch_dtype = str(llm.dtype).removeprefix("torch.")
-    recipe: dict[str, Any] = {
-        "scheme": s.name,
-        "dtype": llm.config.torch_dtype,
-        "keep_head": keep_head,
-        "source": str(path) if parent is None else parent,
-    }
-    if cfg is not None:
-        recipe["gptq"] = {k: v for k, v in asdict(cfg).items() if k != "group_size"}
-        recipe["gptq"]["group_size"] = s.group_size
-    with tempfile.TemporaryDirectory(prefix="folk-quantize-") as tmp:
-        folder = save_folder(
-            Path(tmp) / "model",
-            llm.config,
-            quantized_state_dict(llm),
-            llm.tokenizer.files(),
-            llm.generation_config,
+    with derivation as d:
+        torch.manual_seed(seed)
+        llm = load(path, dtype=dtype, fast=False, resolve_base=resolve_path)
+        cfg = gptq or (GPTQConfig(act_order=True) if s.method == "gptq" else None)
+        quantize(
+            llm,
+            s.name,
+            calibration=text,
+            keep_embeddings_and_head=keep_head,
+            progress=progress,
+            gptq=cfg,
         )
-        del llm
-        return register_model(
-            folder,
-            out,
-            "quantize",
-            parents=[parent] if parent else [],
-            recipe=recipe,
-            data_files=[calibration] if calibration is not None else [],
-            seed=seed,
-            license=license,
-            started_at=started,
-            description=f"{parent or path.name} quantized with folklm ({s.name})",
-            source_info=None if parent else {"path": str(path)},
-            link=True,
-        )
+        llm.config.torch_dtype = str(llm.dtype).removeprefix("torch.")
+        recipe: dict[str, Any] = {
+            "scheme": s.name,
+            "dtype": llm.config.torch_dtype,
+            "keep_head": keep_head,
+            "source": str(path) if parent is None else parent,
+        }
+        if cfg is not None:
+            recipe["gptq"] = {k: v for k, v in asdict(cfg).items() if k != "group_size"}
+            recipe["gptq"]["group_size"] = s.group_size
+        d.derivation.recipe = recipe
+        state = quantized_state_dict(llm)
+        save_folder(d.folder, llm.config, state, llm.tokenizer.files(), llm.generation_config)
+        del llm, state
+    return d.entry

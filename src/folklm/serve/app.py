@@ -58,7 +58,7 @@ class ServeConfig:
 
 
 def _model_name(source: Any) -> str:
-    from folklm.defaults import DEFAULT_NAME
+    from folklm.hub.defaults import DEFAULT_NAME
 
     if source is None:
         return DEFAULT_NAME
