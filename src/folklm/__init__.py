@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
+from folklm.errors import FolkError
 from folklm.version import __version__
 
 __all__ = ["LLM", "FolkError", "GenerationOutput", "SamplingParams", "load", "__version__"]
@@ -27,7 +28,6 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from folklm.engine.llm import LLM, GenerationOutput
-    from folklm.errors import FolkError
     from folklm.ops.sampling import SamplingParams
 
 
@@ -51,15 +51,13 @@ def load(
 
 
 def __getattr__(name: str) -> Any:
-    # lazy (PEP 562): these names import torch
+    """Lazy names (PEP 562): the engine and the sampler import torch."""
     if name in ("LLM", "GenerationOutput"):
-        from folklm.engine import llm
+        from folklm.engine import llm  # lazy: imports torch
 
         value = getattr(llm, name)
     elif name == "SamplingParams":
-        from folklm.ops.sampling import SamplingParams as value
-    elif name == "FolkError":
-        from folklm.errors import FolkError as value
+        from folklm.ops.sampling import SamplingParams as value  # lazy: imports torch
     else:
         raise AttributeError(f"module 'folklm' has no attribute {name!r}")
     globals()[name] = value

@@ -60,6 +60,7 @@ def quantize_cmd(
 ) -> None:
     """Quantize MODEL (registry name, folder or .gguf; default: the bundled model) into a
     new registry entry that records its parent, the scheme and the calibration data."""
+    # lazy: imports torch; `folk --help` and the hub commands start without it
     from folklm.quant.gptq import GPTQConfig
     from folklm.quant.pipeline import quantize_model
 
@@ -113,6 +114,7 @@ def perplexity_cmd(
     as_json: bool,
 ) -> None:
     """Token-level perplexity (sliding window) and bits per byte of MODEL on a text file."""
+    # lazy: imports torch; `folk --help` and the hub commands start without it
     import folklm
     from folklm.eval.perplexity import perplexity
     from folklm.quant.pipeline import read_text

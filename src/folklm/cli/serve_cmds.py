@@ -31,6 +31,7 @@ def serve(models, host, port, api_keys, api_keys_file, max_batch, max_queue, max
           kv_cache_gb, adapters, max_adapters, dtype) -> None:  # fmt: skip
     """Serve MODELS (registry names, folders or .gguf files; default: the bundled model)
     over the OpenAI API at http://HOST:PORT/v1, with a web chat at /."""
+    # lazy: imports torch; `folk --help` and the hub commands start without it
     import uvicorn
 
     from folklm.serve.app import ServeConfig, build_app

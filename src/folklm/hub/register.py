@@ -21,6 +21,7 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -47,8 +48,6 @@ class DataFile:
 
 
 def folklm_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("folklm")
     except PackageNotFoundError:

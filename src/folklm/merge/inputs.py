@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer
 
 from folklm.checkpoint.hf import read_json, read_weights
-from folklm.checkpoint.peft import Adapter, is_adapter_dir, load_adapter
+from folklm.checkpoint.peft import Adapter, fused_weight, is_adapter_dir, load_adapter
 from folklm.checkpoint.safetensors_io import release_pages
 from folklm.errors import FolkError
 from folklm.hub.names import parse_ref
@@ -50,8 +51,6 @@ class OpenModel:
         if self.adapter is not None and name.endswith(".weight"):
             lora = self.adapter.layers.get(name[: -len(".weight")])
             if lora is not None:
-                from folklm.checkpoint.peft import fused_weight
-
                 return fused_weight(t.float(), lora, self.adapter.config.scaling)
         return t
 
@@ -141,7 +140,6 @@ def vocabulary(folder: Path) -> dict[str, int] | None:
     path = folder / "tokenizer.json"
     if not path.is_file():
         return None
-    from tokenizers import Tokenizer
 
     try:
         return Tokenizer.from_file(str(path)).get_vocab(with_added_tokens=True)

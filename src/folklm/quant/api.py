@@ -22,6 +22,8 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+from rich.console import Console
+from rich.progress import Progress
 from torch import nn
 
 from folklm.config import ModelConfig
@@ -65,8 +67,6 @@ def _progress(enabled: bool, total: int, what: str) -> Iterator[Callable[[str], 
     if not enabled:
         yield lambda _msg: None
         return
-    from rich.console import Console
-    from rich.progress import Progress
 
     with Progress(console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task(what, total=total)

@@ -23,8 +23,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+import folklm
+from folklm.engine.multilora import MultiLoRA
 from folklm.engine.scheduler import Engine, QueueFull
 from folklm.errors import FolkError
+from folklm.hub.defaults import DEFAULT_NAME
 from folklm.serve import chat, completions, embeddings
 from folklm.serve.auth import AuthError, check
 from folklm.serve.metrics import Metrics
@@ -58,8 +61,6 @@ class ServeConfig:
 
 
 def _model_name(source: Any) -> str:
-    from folklm.hub.defaults import DEFAULT_NAME
-
     if source is None:
         return DEFAULT_NAME
     if isinstance(source, str | Path):
@@ -69,9 +70,6 @@ def _model_name(source: Any) -> str:
 
 
 def load_engines(config: ServeConfig, table: ModelTable, metrics: Metrics) -> None:
-    import folklm
-    from folklm.engine.multilora import MultiLoRA
-
     names = config.names or [None] * len(config.models)
     for source, name in zip(config.models, names, strict=True):
         llm = source if hasattr(source, "model") else folklm.load(source, dtype=config.dtype)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from folklm.checkpoint.peft import AdapterConfig, LoraWeights, fused_weight
+from folklm.checkpoint.peft import AdapterConfig, LoraWeights, fused_weight, load_adapter
 from folklm.errors import FolkError
 from folklm.kernels.base import QuantizedLinear
 
@@ -283,8 +283,6 @@ def merge_adapter_into(
 
 def attach_adapter(model: nn.Module, path, merge: bool = False) -> AdapterConfig:
     """Load a PEFT adapter folder onto ``model``: wrap its layers (or fuse when ``merge``)."""
-    from folklm.checkpoint.peft import load_adapter
-
     adapter = load_adapter(path)
     if merge:
         merge_adapter_into(model, adapter.layers, adapter.config)
