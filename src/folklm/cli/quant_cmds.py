@@ -63,20 +63,17 @@ def quantize_cmd(
     # lazy: imports torch; `folk --help` and the hub commands start without it
     from folklm.quant.gptq import GPTQConfig
     from folklm.quant.pipeline import quantize_model
+    from folklm.quant.recipe import QuantizeRecipe
 
-    gptq = GPTQConfig(act_order=act_order) if scheme.startswith("gptq") else None
+    recipe = QuantizeRecipe(
+        scheme,
+        calibration=calibration,
+        dtype=dtype,
+        keep_head=not quantize_head,
+        gptq=GPTQConfig(act_order=act_order) if scheme.startswith("gptq") else None,
+    )
     with _hub_warnings():
-        entry = quantize_model(
-            model,
-            scheme,
-            out,
-            calibration=calibration,
-            dtype=dtype,
-            keep_head=not quantize_head,
-            gptq=gptq,
-            license=license_,
-            progress=not as_json,
-        )
+        entry = quantize_model(model, recipe, out, license=license_, progress=not as_json)
     if as_json:
         _print_json(entry.to_dict())
         return

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,8 @@ from folklm.errors import FolkError
 from folklm.hub.derive import derive
 from folklm.hub.names import parse_ref
 from folklm.hub.resolve import resolve, resolve_path
-from folklm.quant.api import parse_scheme, quantize, quantized_state_dict
-from folklm.quant.gptq import GPTQConfig
+from folklm.quant.api import quantize, quantized_state_dict
+from folklm.quant.recipe import QuantizeRecipe
 
 
 def read_text(path: str | os.PathLike, what: str = "calibration file") -> str:
@@ -68,38 +67,34 @@ def _already_quantized(path: Path) -> str | None:
 
 def quantize_model(
     model: str | None,
-    scheme: str,
+    recipe: QuantizeRecipe | str,
     out: str,
     *,
-    calibration: str | os.PathLike | None = None,
-    dtype: str = "bfloat16",
-    keep_head: bool = True,
-    gptq: GPTQConfig | None = None,
-    seed: int = 0,
     license: str | None = None,
     progress: bool = True,
+    **settings: Any,
 ):
-    """Quantize ``model`` with ``scheme`` and register the result as ``out``.
+    """Quantize ``model`` following ``recipe`` and register the result as ``out``.
 
     Args:
         model: registry name, Hugging Face folder or ``.gguf`` file (None: the default).
-        scheme: one of :data:`folklm.kernels.schemes.SCHEMES`.
+        recipe: a :class:`~folklm.quant.recipe.QuantizeRecipe`, or a scheme name with the
+            other recipe fields as keyword arguments (``calibration=``, ``dtype=``, ...).
         out: ``NAME[:TAG]`` of the new entry.
-        calibration: a UTF-8 text file (GPTQ only).
-        dtype: dtype of the scales and of the float parts (embeddings, norms).
-        keep_head: keep the LM head unquantized.
-        gptq: GPTQ settings (damping, act-order, samples); the group size is the scheme's.
-        seed: seeds the choice of calibration windows.
+        license: licence to declare for the new entry (default: inherited).
+        progress: show a progress bar on stderr.
 
     Returns:
         The new hub :class:`~folklm.hub.catalogue.Entry`.
     """
-    s = parse_scheme(scheme)
+    if isinstance(recipe, str):
+        recipe = QuantizeRecipe(recipe, **settings)
+    elif settings:
+        raise TypeError(f"unexpected arguments with a QuantizeRecipe: {', '.join(settings)}")
+    recipe = recipe.validate()
+    s = recipe.parsed
     parse_ref(out)  # a bad output name fails before any work (derive checks it again)
-    if s.method == "gptq" and calibration is None:
-        raise FolkError(f"scheme {s.name} needs --calibration FILE (UTF-8 text)")
-    if s.method != "gptq" and calibration is not None:
-        raise FolkError(f"scheme {s.name} takes no calibration file (gptq-int4 does)")
+    calibration = recipe.calibration
     text = read_text(calibration) if calibration is not None else None
     path, parent = _source(model)
     done = _already_quantized(path)
@@ -111,34 +106,25 @@ def quantize_model(
         "quantize",
         parents=[parent] if parent else [],
         data_files=[calibration] if calibration is not None else [],
-        seed=seed,
+        seed=recipe.seed,
         license=license,
         description=f"{parent or path.name} quantized with folklm ({s.name})",
         source_info=None if parent else {"path": str(path)},
     )
     with derivation as d:
-        torch.manual_seed(seed)
-        llm = load(path, dtype=dtype, fast=False, resolve_base=resolve_path)
-        cfg = gptq or (GPTQConfig(act_order=True) if s.method == "gptq" else None)
+        torch.manual_seed(recipe.seed)
+        llm = load(path, dtype=recipe.dtype, fast=False, resolve_base=resolve_path)
         quantize(
             llm,
             s.name,
             calibration=text,
-            keep_embeddings_and_head=keep_head,
+            keep_embeddings_and_head=recipe.keep_head,
             progress=progress,
-            gptq=cfg,
+            gptq=recipe.gptq,
         )
         llm.config.torch_dtype = str(llm.dtype).removeprefix("torch.")
-        recipe: dict[str, Any] = {
-            "scheme": s.name,
-            "dtype": llm.config.torch_dtype,
-            "keep_head": keep_head,
-            "source": str(path) if parent is None else parent,
-        }
-        if cfg is not None:
-            recipe["gptq"] = {k: v for k, v in asdict(cfg).items() if k != "group_size"}
-            recipe["gptq"]["group_size"] = s.group_size
-        d.derivation.recipe = recipe
+        source = str(path) if parent is None else parent
+        d.derivation.recipe = recipe.record(llm.config.torch_dtype, source)
         state = quantized_state_dict(llm)
         save_folder(d.folder, llm.config, state, llm.tokenizer.files(), llm.generation_config)
         del llm, state
