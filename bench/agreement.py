@@ -48,10 +48,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     import folklm
-    from folklm.defaults import default_model_folder
     from folklm.eval.builtin import resolve_tasks
     from folklm.eval.runner import build_requests
     from folklm.eval.scorer import Scorer
+    from folklm.hub.defaults import default_model_folder
 
     folder = str(default_model_folder())
     llm = folklm.load(folder, dtype="float32")

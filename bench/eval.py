@@ -30,10 +30,10 @@ def main(argv: list[str] | None = None) -> dict:
     from lm_eval.models.huggingface import HFLM
 
     import folklm
-    from folklm.defaults import default_model_folder
     from folklm.eval.builtin import resolve_tasks
     from folklm.eval.runner import build_requests
     from folklm.eval.scorer import Scorer
+    from folklm.hub.defaults import default_model_folder
 
     folder = str(default_model_folder())
     (spec,) = resolve_tasks(args.task)

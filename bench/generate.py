@@ -124,7 +124,7 @@ def main() -> None:
     if args.engine:
         return child(args)
     if args.model is None:
-        from folklm.defaults import default_model_folder
+        from folklm.hub.defaults import default_model_folder
 
         args.model = str(default_model_folder())
     results: dict = {

@@ -178,7 +178,7 @@ def main() -> None:
     env = {**os.environ, "FOLK_HOME": os.environ.get("FOLK_HOME", str(work / "home"))}
     env["OMP_NUM_THREADS"] = str(args.threads)
     os.environ["FOLK_HOME"] = env["FOLK_HOME"]
-    from folklm.defaults import DEFAULT_NAME, default_model_folder
+    from folklm.hub.defaults import DEFAULT_NAME, default_model_folder
 
     base_folder = default_model_folder()  # converts + registers the bundled model
     tok = AutoTokenizer.from_pretrained(base_folder)

@@ -170,8 +170,8 @@ def quality_table(max_tokens: int, schemes: list[str]) -> list[dict]:
     home = tempfile.mkdtemp(prefix="folk-bench-quant-")
     os.environ["FOLK_HOME"] = home
     env = {**os.environ, "FOLK_HOME": home}
-    from folklm.defaults import default_model_folder
-    from folklm.hub.export import export
+    from folklm.export import export
+    from folklm.hub.defaults import default_model_folder
     from folklm.quant.pipeline import quantize_model
 
     folder = default_model_folder()
@@ -263,9 +263,9 @@ def speed_table(rounds: int, schemes: list[str]) -> list[dict]:
     import torch
 
     from folklm.config import ModelConfig
-    from folklm.defaults import default_model_folder
     from folklm.engine.fast import pack_linears
     from folklm.engine.generate import Timings, generate
+    from folklm.hub.defaults import default_model_folder
     from folklm.models.registry import build_model
     from folklm.ops.rope import RotaryEmbedding, inv_frequencies
     from folklm.ops.sampling import SamplingParams

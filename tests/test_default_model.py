@@ -72,7 +72,7 @@ def test_streaming_equals_generate_and_batch(default_llm):
 
 @pytest.mark.slow
 def test_default_model_cached_conversion_is_reused(default_llm):
-    from folklm.defaults import default_model_folder
+    from folklm.hub.defaults import default_model_folder
 
     folder = default_model_folder()
     assert (folder / "model.safetensors").is_file()

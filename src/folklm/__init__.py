@@ -8,36 +8,57 @@ The small public API::
     print(llm.generate("Once upon a time", max_new_tokens=32).text)
     print(llm.chat([{"role": "user", "content": "Hi!"}]).text)
 
+``load`` resolves a hub name, a path or nothing through the one resolver
+(:func:`folklm.hub.resolve.resolve`), then loads the path (:func:`folklm.engine.llm.load`).
 Names are imported lazily (PEP 562), so commands that never touch a model (``folk ls``,
 ``folk verify``) start without importing torch.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import os
+from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from folklm.errors import FolkError
+from folklm.version import __version__
+
 __all__ = ["LLM", "FolkError", "GenerationOutput", "SamplingParams", "load", "__version__"]
 
-_LAZY = {
-    "LLM": "folklm.engine.llm",
-    "GenerationOutput": "folklm.engine.llm",
-    "load": "folklm.engine.llm",
-    "SamplingParams": "folklm.ops.sampling",
-    "FolkError": "folklm.errors",
-}
-
 if TYPE_CHECKING:  # pragma: no cover
-    from folklm.engine.llm import LLM, GenerationOutput, load
-    from folklm.errors import FolkError
+    import torch
+
+    from folklm.engine.llm import LLM, GenerationOutput
     from folklm.ops.sampling import SamplingParams
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
+def load(
+    source: str | os.PathLike | None = None,
+    dtype: str | torch.dtype | None = None,
+    allow_pickle: bool = False,
+    fast: bool = True,
+) -> LLM:
+    """Load a model: a hub name (``name[:tag]``), a path, or None for the bundled default.
 
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'folklm' has no attribute {name!r}")
+    Args:
+        source: a hub name, a Hugging Face folder, an adapter folder or a ``.gguf`` file.
+        dtype, allow_pickle, fast: see :func:`folklm.engine.llm.load`.
+    """
+    # lazy: `import folklm` must not import torch (the CLI's hub commands start fast)
+    from folklm.engine.llm import load as load_path
+    from folklm.hub.resolve import resolve_path
+
+    return load_path(resolve_path(source), dtype, allow_pickle, fast, resolve_base=resolve_path)
+
+
+def __getattr__(name: str) -> Any:
+    """Lazy names (PEP 562): the engine and the sampler import torch."""
+    if name in ("LLM", "GenerationOutput"):
+        from folklm.engine import llm  # lazy: imports torch
+
+        value = getattr(llm, name)
+    elif name == "SamplingParams":
+        from folklm.ops.sampling import SamplingParams as value  # lazy: imports torch
+    else:
+        raise AttributeError(f"module 'folklm' has no attribute {name!r}")
+    globals()[name] = value
+    return value

@@ -78,9 +78,9 @@ def test_folklm_model_type_gives_folk_eval_numbers(tiny_models, harness_task):
 def test_harness_task_on_local_arc_easy_folklm_vs_hf_backend(harness_task):
     """Default model, fp32: the harness's arc_easy prompts over our local file equal folk
     eval's requests, and --model folklm and --model hf agree per item within 1e-3."""
-    from folklm.defaults import default_model_folder
     from folklm.eval.builtin import resolve_tasks
     from folklm.eval.runner import build_requests
+    from folklm.hub.defaults import default_model_folder
 
     folder = default_model_folder()
     n = 3

@@ -84,7 +84,7 @@ def test_agrees_with_lm_eval_hf_backend(default_llm, task):
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    from folklm.defaults import default_model_folder
+    from folklm.hub.defaults import default_model_folder
 
     (spec,) = resolve_tasks(task)
     _, items = build_requests(spec, limit=6)

@@ -40,14 +40,16 @@ def test_register_model_records_the_whole_recipe(home, tiny_models, tmp_path):
     child = api.register_model(
         child_folder,
         "child",
-        "finetune",
-        parents=["base:v1"],
-        recipe=recipe,
-        data_files=data,
-        seed=1234,
-        started_at=started,
-        compute={"flops": 1.5e12},
-        description="Grade-school maths answers.",
+        api.Derivation(
+            "finetune",
+            parents=["base:v1"],
+            recipe=recipe,
+            data_files=data,
+            seed=1234,
+            started_at=started,
+            compute={"flops": 1.5e12},
+            description="Grade-school maths answers.",
+        ),
     )
     shown = api.show("child")
     for e in (child, shown):
@@ -130,11 +132,13 @@ def test_bad_input_writes_nothing(home, tiny_models, tmp_path):
         (lambda: api.remove("present:v2"), "unknown model 'present:v2'"),
         (lambda: api.show("present:nope"), "unknown model 'present:nope'"),
         (
-            lambda: api.register_model(folder, "c", "finetune", parents=["absent"]),
+            lambda: api.register_model(folder, "c", api.Derivation("finetune", parents=["absent"])),
             "unknown model 'absent:latest'",
         ),
         (
-            lambda: api.register_model(folder, "c", "finetune", recipe={"f": object()}),
+            lambda: api.register_model(
+                folder, "c", api.Derivation("finetune", recipe={"f": object()})
+            ),
             "recipe must be JSON-serialisable",
         ),
         (lambda: api.add_evaluation("present", "arc", "acc", float("nan")), "finite number"),
@@ -149,7 +153,9 @@ def test_bad_input_writes_nothing(home, tiny_models, tmp_path):
 def test_rm_keeps_blobs_other_entries_use(home, tiny_models, tmp_path):
     _, folder = tiny_models("llama")
     a = api.import_path(folder, "a")
-    b = api.register_model(variant(folder, tmp_path / "b", 2), "b", "finetune", parents=["a"])
+    b = api.register_model(
+        variant(folder, tmp_path / "b", 2), "b", api.Derivation("finetune", parents=["a"])
+    )
     shared = {f["sha256"] for f in a.files} & {f["sha256"] for f in b.files}
     assert len(shared) == len(a.files) - 1  # all but the weights
     report = api.remove("a")
@@ -304,7 +310,7 @@ def test_register_from_a_mapping_of_files(home, tiny_models):
     """Operations that write their outputs in several places name each file of the entry."""
     _, folder = tiny_models("llama")
     files = {p.name: p for p in folder.iterdir()}
-    entry = api.register_model(files, "mapped", "import", license="mit")
+    entry = api.register_model(files, "mapped", api.Derivation("import", license="mit"))
     assert sorted(f["path"] for f in entry.files) == sorted(files)
     assert (api.resolve_model("mapped") / "config.json").read_bytes() == (
         folder / "config.json"

@@ -31,20 +31,22 @@ def family(home, tiny_models, tmp_path):
     api.register_model(
         variant(folder, tmp_path / "tuned", 1),
         "llama-alpaca",
-        "finetune",
-        parents=["llama-base"],
-        recipe={
-            "method": "lora",
-            "rank": 8,
-            "lr": 2e-4,
-            "objective": "causal LM loss",
-            "template": "alpaca",
-        },
-        data_files=[ALPACA],
-        seed=3,
-        started_at=time.time() - 60,
-        compute={"flops": 2.0e13, "energy_kwh": 0.01},
-        description="Follows instructions in the Alpaca style; research use only.",
+        api.Derivation(
+            "finetune",
+            parents=["llama-base"],
+            recipe={
+                "method": "lora",
+                "rank": 8,
+                "lr": 2e-4,
+                "objective": "causal LM loss",
+                "template": "alpaca",
+            },
+            data_files=[ALPACA],
+            seed=3,
+            started_at=time.time() - 60,
+            compute={"flops": 2.0e13, "energy_kwh": 0.01},
+            description="Follows instructions in the Alpaca style; research use only.",
+        ),
     )
     api.add_evaluation(
         "llama-alpaca",
@@ -63,9 +65,9 @@ def family(home, tiny_models, tmp_path):
     api.register_model(
         variant(folder, tmp_path / "m", 3),
         "llama-merge",
-        "merge",
-        parents=["llama-base", "llama-other"],
-        recipe={"method": "slerp", "t": 0.5},
+        api.Derivation(
+            "merge", parents=["llama-base", "llama-other"], recipe={"method": "slerp", "t": 0.5}
+        ),
     )
     return folder
 

@@ -15,9 +15,9 @@ import folklm
 from folklm.checkpoint.gguf import read_gguf
 from folklm.checkpoint.gguf_writer import PROBES
 from folklm.checkpoint.hf import read_weights
-from folklm.defaults import DEFAULT_NAME, default_model_folder
+from folklm.export import export
 from folklm.hub import api
-from folklm.hub.export import export
+from folklm.hub.defaults import DEFAULT_NAME, default_model_folder
 from folklm.tokenizer import Tokenizer
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]

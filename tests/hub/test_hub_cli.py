@@ -59,9 +59,7 @@ def test_tag_lineage_rm_gc(home, tiny_models, tmp_path):
         api.register_model(
             variant(folder, tmp_path / "t", 5),
             "tuned",
-            "finetune",
-            parents=["base"],
-            recipe={"lr": 1e-4},
+            api.Derivation("finetune", parents=["base"], recipe={"lr": 1e-4}),
         )
     tag = folk("tag", "tuned", "llama-3.1-tuned:v1")
     assert tag.returncode == 0 and tag.stdout.startswith("tagged llama-3.1-tuned:v1")
@@ -165,7 +163,7 @@ def test_bundled_model_is_registered_on_first_use_and_runs_by_name():
     assert "Paris" in run.stdout
     shown = json.loads(folk("show", "smollm2-135m-instruct", "--json", env=env).stdout)
     assert shown["license"]["expression"] == "apache-2.0" and shown["operation"] == "import"
-    from folklm.defaults import default_gguf_path
+    from folklm.hub.defaults import default_gguf_path
     from folklm.hub.store import sha256_file
 
     gguf = default_gguf_path()

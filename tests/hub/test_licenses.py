@@ -156,11 +156,13 @@ def test_llama3_model_tuned_on_alpaca_is_non_commercial_with_naming_warning(home
         tuned = api.register_model(
             folder,
             "alpaca-tune",
-            "finetune",
-            parents=["base-llama:8b"],
-            recipe={"method": "lora", "rank": 8, "lr": 2e-4, "epochs": 1},
-            data_files=ALPACA,
-            seed=7,
+            api.Derivation(
+                "finetune",
+                parents=["base-llama:8b"],
+                recipe={"method": "lora", "rank": 8, "lr": 2e-4, "epochs": 1},
+                data_files=ALPACA,
+                seed=7,
+            ),
         )
     lic = tuned.license
     assert lic["expression"] == "llama3 AND cc-by-nc-4.0"
@@ -182,9 +184,7 @@ def test_llama3_model_tuned_on_alpaca_is_non_commercial_with_naming_warning(home
         quant = api.register_model(
             folder,
             "llama-3-alpaca-q8",
-            "quantize",
-            parents=["alpaca-tune"],
-            recipe={"scheme": "int8"},
+            api.Derivation("quantize", parents=["alpaca-tune"], recipe={"scheme": "int8"}),
         )
     assert not [w for w in caught if issubclass(w.category, api.HubWarning)]
     assert quant.license["expression"] == "llama3 AND cc-by-nc-4.0"
@@ -197,13 +197,15 @@ def test_caller_can_give_data_licences(home, tiny_models, tmp_path):
     data = tmp_path / "mine.jsonl"  # no SOURCE.md beside it
     data.write_text('{"text": "hello"}\n')
     with pytest.warns(api.HubWarning, match="licence of data file mine.jsonl is unknown"):
-        api.register_model(folder, "t1", "finetune", parents=["base"], data_files=[data])
+        api.register_model(
+            folder, "t1", api.Derivation("finetune", parents=["base"], data_files=[data])
+        )
     t2 = api.register_model(
         folder,
         "t2",
-        "finetune",
-        parents=["base"],
-        data_files=[api.DataFile(data, license="CC-BY-NC-SA-4.0")],
+        api.Derivation(
+            "finetune", parents=["base"], data_files=[api.DataFile(data, license="CC-BY-NC-SA-4.0")]
+        ),
     )
     assert t2.license["expression"] == "apache-2.0 AND cc-by-nc-sa-4.0"
     assert t2.license["commercial"] is False
@@ -221,18 +223,20 @@ def test_refused_merge_writes_nothing(home, tiny_models):
         api.register_model(
             folder,
             "llama-merged",
-            "merge",
-            parents=["llama-a", "gemma-b"],
-            recipe={"method": "slerp", "t": 0.5},
+            api.Derivation(
+                "merge", parents=["llama-a", "gemma-b"], recipe={"method": "slerp", "t": 0.5}
+            ),
         )
     assert snapshot(home) == before
     with pytest.warns(api.HubWarning, match="forced despite a licence conflict"):
         merged = api.register_model(
             folder,
             "llama-merged",
-            "merge",
-            parents=["llama-a", "gemma-b"],
-            recipe={"method": "slerp", "t": 0.5},
-            force=True,
+            api.Derivation(
+                "merge",
+                parents=["llama-a", "gemma-b"],
+                recipe={"method": "slerp", "t": 0.5},
+                force=True,
+            ),
         )
     assert [p["name"] for p in merged.parents] == ["llama-a:latest", "gemma-b:latest"]

@@ -9,6 +9,7 @@ import torch
 from quanttest import gaussian_linear
 
 from folklm.errors import FolkError
+from folklm.kernels.int4 import quantize_int4
 from folklm.quant import Int4Linear
 from folklm.quant.gptq import (
     calibration_batches,
@@ -16,7 +17,6 @@ from folklm.quant.gptq import (
     decoder_layers,
     gptq_quantize,
 )
-from folklm.quant.int4 import quantize_int4
 
 
 def _output_mse(layer: Int4Linear, weight: torch.Tensor, x: torch.Tensor) -> float:

@@ -7,8 +7,8 @@ import torch
 from quanttest import gaussian_linear, rel_err, uniform_noise_estimate
 
 from folklm.errors import FolkError
+from folklm.kernels.int4 import kernel_works, pack_nibbles, unpack_nibbles
 from folklm.quant import Int4Linear
-from folklm.quant.int4 import kernel_works, pack_nibbles, unpack_nibbles
 
 
 def _grid(layer: Int4Linear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

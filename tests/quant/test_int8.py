@@ -6,8 +6,8 @@ import pytest
 import torch
 from quanttest import gaussian_linear, rel_err, uniform_noise_estimate
 
+from folklm.kernels.int8 import kernel_works
 from folklm.quant import Int8Linear
-from folklm.quant.int8 import kernel_works
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

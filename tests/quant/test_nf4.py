@@ -6,8 +6,8 @@ import pytest
 import torch
 from quanttest import gaussian_linear, rel_err, uniform_noise_estimate
 
+from folklm.kernels.nf4 import BLOCK_SIZE, DQ_BLOCK_SIZE, nf4_levels
 from folklm.quant import NF4Linear
-from folklm.quant.nf4 import BLOCK_SIZE, DQ_BLOCK_SIZE, nf4_levels
 
 
 def test_levels_are_normal_quantiles():

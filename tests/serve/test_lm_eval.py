@@ -53,7 +53,7 @@ def loglikelihoods(result: dict) -> list[float]:
 @pytest.mark.slow
 @pytest.mark.skipif(not ARC.is_file(), reason="needs ../shared/data/arc_easy")
 def test_local_completions_arc_easy(default_server, tmp_path):
-    from folklm.defaults import default_model_folder
+    from folklm.hub.defaults import default_model_folder
 
     folder = default_model_folder()
     (tmp_path / "folk_arc_easy.yaml").write_text(TASK.format(path=ARC))

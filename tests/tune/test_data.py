@@ -31,7 +31,7 @@ MARKED = (
 
 @pytest.fixture(scope="module")
 def smol_tok() -> Tokenizer:
-    from folklm.defaults import default_model_folder
+    from folklm.hub.defaults import default_model_folder
 
     return Tokenizer.from_folder(default_model_folder())
 

@@ -11,7 +11,7 @@ from torch import nn
 import folklm
 from folklm.checkpoint.peft import AdapterConfig, load_adapter, save_adapter
 from folklm.errors import FolkError
-from folklm.quant.nf4 import NF4Linear
+from folklm.kernels.nf4 import NF4Linear
 from folklm.tune.lora import (
     LoRALinear,
     adapter_state,

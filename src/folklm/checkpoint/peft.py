@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from folklm.errors import FolkError
 
@@ -176,9 +178,6 @@ def load_adapter(path: str | os.PathLike, *, allow_pickle: bool = False) -> Adap
 
 
 def _read_tensors(folder: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     st = folder / WEIGHTS_NAME
     if st.is_file():
         try:
@@ -203,8 +202,6 @@ def save_adapter(
     extra_tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``layers`` as a PEFT adapter folder (tensors contiguous, names PEFT's)."""
-    from safetensors.torch import save_file
-
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}

@@ -20,6 +20,7 @@ def _fmt(value, stderr) -> str:
 
 
 def _print_table(title: str, headers: list[str], body: list[list[str]]) -> None:
+    # lazy: rich's tables and bars load only for the command that prints one
     from rich.console import Console
     from rich.table import Table
 
@@ -33,17 +34,14 @@ def _print_table(title: str, headers: list[str], body: list[list[str]]) -> None:
 
 def _model_name(model: str | None) -> tuple[str | None, str]:
     """(registry name to store results under or None, label for output)."""
-    from folklm.defaults import DEFAULT_NAME
-    from folklm.engine.llm import is_registry_name
+    from folklm.hub.resolve import hub_name  # lazy: `folk --help` starts without the hub
 
-    if model is None:
-        return DEFAULT_NAME, DEFAULT_NAME
-    if not Path(model).expanduser().exists() and is_registry_name(model):
-        return model, model
-    return None, model
+    name = hub_name(model)
+    return name, name if model is None else model
 
 
 def _compare(a: str, b: str, as_json: bool) -> None:
+    # lazy: imports torch; `folk --help` and the hub commands start without it
     from folklm.eval.report import compare
 
     table = compare(a, b)
@@ -111,6 +109,7 @@ def register(app: click.Group) -> None:
 
         Example: folk eval --tasks hellaswag,arc_easy --limit 200
         """
+        # lazy: imports torch; `folk --help` and the hub commands start without it
         from folklm.eval.builtin import known_tasks, resolve_tasks
 
         if list_tasks:
@@ -130,6 +129,7 @@ def register(app: click.Group) -> None:
             raise FolkError(f"--batch-size must be >= 1, got {batch_size}")
         specs = resolve_tasks(tasks)
 
+        # lazy: imports torch; `folk --help` and the hub commands start without it
         import folklm
         from folklm.eval import report
         from folklm.eval.runner import evaluate, prepare

@@ -1,7 +1,7 @@
 """``folk`` commands for the local model hub: import, ls, show, rm, tag, verify, gc, lineage,
 export, card, transparency.
 
-Each command is a thin wrapper over :mod:`folklm.hub.api` (and ``hub.export``,
+Each command is a thin wrapper over :mod:`folklm.hub.api` (and :mod:`folklm.export`,
 ``hub.card``, ``hub.transparency``): it validates nothing itself, prints a ``rich`` table
 or, with ``--json``, one JSON document, and lets ``FolkError`` become the one-line
 ``folk: error: ...`` of ``folk``'s ``main()``. Licence and naming warnings recorded with
@@ -11,6 +11,7 @@ an entry are printed as ``folk: warning: ...`` on stderr.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import warnings
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ def _print_json(data: Any) -> None:
 @contextmanager
 def _hub_warnings() -> Iterator[None]:
     """Print the hub's warnings as ``folk: warning:`` lines; pass any other on."""
+    # lazy: `folk --help` starts without the hub's modules
     from folklm.hub.api import HubWarning
 
     with warnings.catch_warnings(record=True) as caught:
@@ -42,8 +44,7 @@ def _hub_warnings() -> Iterator[None]:
 
 
 def _console():
-    import shutil
-
+    # lazy: rich's tables and bars load only for the command that prints one
     from rich.console import Console
 
     # Piped output (scripts, tests) gets wide lines instead of rich's 80-column default.
@@ -81,6 +82,7 @@ def _licence_text(expression: str | None, commercial: bool | None) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the new entry as JSON.")
 def import_cmd(path: str, name: str | None, license_: str | None, as_json: bool) -> None:
     """Import a Hugging Face folder or a GGUF file into the local hub."""
+    # lazy: `folk --help` starts without the hub's modules
     from folklm.hub import api
 
     with _hub_warnings():
@@ -99,6 +101,7 @@ def import_cmd(path: str, name: str | None, license_: str | None, as_json: bool)
 @click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
 def ls_cmd(as_json: bool) -> None:
     """List the models in the local hub."""
+    # lazy: `folk --help` starts without the hub's modules
     from rich.markup import escape
     from rich.table import Table
 
@@ -135,6 +138,7 @@ def ls_cmd(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the full record as JSON.")
 def show_cmd(name: str, as_json: bool) -> None:
     """Show a model's record: config, files, hashes, licence, parents, recipe, evaluations."""
+    # lazy: `folk --help` starts without the hub's modules
     from rich.markup import escape
     from rich.table import Table
 
@@ -222,6 +226,7 @@ def show_cmd(name: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print what was removed as JSON.")
 def rm_cmd(names: tuple[str, ...], as_json: bool) -> None:
     """Remove models (blobs other entries still use are kept)."""
+    # lazy: `folk --help` starts without the hub's modules
     from folklm.hub import api
 
     reports = api.remove_many(list(names))  # one transaction: all of them or none
@@ -245,6 +250,7 @@ def rm_cmd(names: tuple[str, ...], as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the entry as JSON.")
 def tag_cmd(src: str, dst: str, as_json: bool) -> None:
     """Give model SRC another name DST (NAME[:TAG])."""
+    # lazy: `folk --help` starts without the hub's modules
     from folklm.hub import api
 
     with _hub_warnings():
@@ -260,6 +266,7 @@ def tag_cmd(src: str, dst: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def verify_cmd(name: str | None, as_json: bool) -> None:
     """Re-hash every blob; exit 1 if any file is missing or changed."""
+    # lazy: `folk --help` starts without the hub's modules
     from folklm.hub import api
 
     rep = api.verify(name)
@@ -283,6 +290,7 @@ def verify_cmd(name: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print what was removed as JSON.")
 def gc_cmd(as_json: bool) -> None:
     """Delete blobs no entry references and leftovers of interrupted operations."""
+    # lazy: `folk --help` starts without the hub's modules
     from folklm.hub import api
 
     rep = api.collect_garbage()
@@ -300,6 +308,7 @@ def gc_cmd(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the tree as JSON.")
 def lineage_cmd(name: str, as_json: bool) -> None:
     """Show the ancestry tree: each model's operation, content hash and licence."""
+    # lazy: `folk --help` starts without the hub's modules
     from folklm.hub import api
     from folklm.hub.catalogue import render_tree
 
@@ -333,7 +342,8 @@ def lineage_cmd(name: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the output path as JSON.")
 def export_cmd(name: str, out: str, fmt: str, dtype: str, force: bool, as_json: bool) -> None:
     """Export a model as a Hugging Face folder (DIR) or a GGUF file (in DIR)."""
-    from folklm.hub.export import export
+    # lazy: imports torch; `folk --help` and the hub commands start without it
+    from folklm.export import export
 
     dtypes = {k: k for k in ("auto", "f32", "f16", "bf16", "q8_0", "q4_0")}
     if fmt == "hf":
@@ -356,6 +366,7 @@ def export_cmd(name: str, out: str, fmt: str, dtype: str, force: bool, as_json: 
 @click.option("--json", "as_json", is_flag=True, help="Print {model, path, card} as JSON.")
 def card_cmd(name: str, out: str | None, force: bool, as_json: bool) -> None:
     """Write a Hugging Face model card (README.md) for a model."""
+    # lazy: `folk --help` starts without the hub's modules
     from folklm.hub.card import model_card, write_card
 
     path = write_card(name, out, force) if out else None
@@ -373,6 +384,7 @@ def card_cmd(name: str, out: str | None, force: bool, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def transparency_cmd(name: str, as_json: bool) -> None:
     """Score a model on the Foundation Model Transparency Index indicators it can meet."""
+    # lazy: `folk --help` starts without the hub's modules
     from rich.markup import escape
     from rich.table import Table
 

@@ -94,6 +94,7 @@ def sampling_options(max_tokens_default: int):
 
 
 def _params(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop):
+    # lazy: imports torch; `folk --help` and the hub commands start without it
     from folklm.ops.sampling import SamplingParams
 
     return SamplingParams(
@@ -153,6 +154,7 @@ def run(
         raise FolkError('empty prompt: give some text, e.g. folk run "What is 2+2?"')
     params = _params(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop)
 
+    # lazy: imports torch; `folk --help` and the hub commands start without it
     import folklm
     from folklm.engine.generate import Timings
 
@@ -208,6 +210,7 @@ def _since_process_start(ttft: float | None, t_start: float) -> float | None:
     """Seconds from the process's creation (interpreter + imports included) to token one."""
     if ttft is None:
         return None
+    # lazy: only --timings reads the process's start time
     import psutil
 
     started = psutil.Process().create_time()
@@ -236,11 +239,13 @@ def chat(
     The conversation is kept between turns. Type /reset to start over, /exit to quit.
     """
     params = _params(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, [])
+    # lazy: imports torch; `folk --help` and the hub commands start without it
     import folklm
 
     llm = folklm.load(model, dtype=dtype, allow_pickle=allow_pickle)
     if llm.tokenizer.chat_template is None:
         raise FolkError(f"{llm.source} has no chat template; use 'folk run --no-chat' instead")
+    # lazy: imports torch; `folk --help` and the hub commands start without it
     from folklm.engine.repl import ChatSession
 
     ChatSession(llm, params, system).run(input_fn=input, write=_write)

@@ -33,6 +33,7 @@ def merge_cmd(
     Inputs are registry names or Hugging Face folders; MODEL+ADAPTER fuses a PEFT
     adapter first. Example: folk merge recipe.yaml --out my-merge:v1
     """
+    # lazy: imports torch; `folk --help` and the hub commands start without it
     from rich.console import Console
     from rich.progress import Progress
 
@@ -58,6 +59,7 @@ def merge_cmd(
     if as_json:
         click.echo(json.dumps(data, ensure_ascii=False))
         return
+    # lazy: rich's tables and bars load only for the command that prints one
     from rich.table import Table
 
     table = Table(show_header=False, box=None)

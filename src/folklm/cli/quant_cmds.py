@@ -60,22 +60,20 @@ def quantize_cmd(
 ) -> None:
     """Quantize MODEL (registry name, folder or .gguf; default: the bundled model) into a
     new registry entry that records its parent, the scheme and the calibration data."""
+    # lazy: imports torch; `folk --help` and the hub commands start without it
     from folklm.quant.gptq import GPTQConfig
     from folklm.quant.pipeline import quantize_model
+    from folklm.quant.recipe import QuantizeRecipe
 
-    gptq = GPTQConfig(act_order=act_order) if scheme.startswith("gptq") else None
+    recipe = QuantizeRecipe(
+        scheme,
+        calibration=calibration,
+        dtype=dtype,
+        keep_head=not quantize_head,
+        gptq=GPTQConfig(act_order=act_order) if scheme.startswith("gptq") else None,
+    )
     with _hub_warnings():
-        entry = quantize_model(
-            model,
-            scheme,
-            out,
-            calibration=calibration,
-            dtype=dtype,
-            keep_head=not quantize_head,
-            gptq=gptq,
-            license=license_,
-            progress=not as_json,
-        )
+        entry = quantize_model(model, recipe, out, license=license_, progress=not as_json)
     if as_json:
         _print_json(entry.to_dict())
         return
@@ -113,6 +111,7 @@ def perplexity_cmd(
     as_json: bool,
 ) -> None:
     """Token-level perplexity (sliding window) and bits per byte of MODEL on a text file."""
+    # lazy: imports torch; `folk --help` and the hub commands start without it
     import folklm
     from folklm.eval.perplexity import perplexity
     from folklm.quant.pipeline import read_text

@@ -1,65 +1,66 @@
-"""``folk serve``: the OpenAI-compatible server (``folklm.serve.app``) under uvicorn."""
+"""``folk serve``: the OpenAI-compatible server (``folklm.serve.app``) under uvicorn.
+
+The scalar options are generated from :class:`folklm.serve.config.ServeConfig`'s fields
+(name, default, help), and every value is checked by ``ServeConfig.validate`` alone.
+"""
 
 from __future__ import annotations
 
+from dataclasses import MISSING
+
 import click
 
-from folklm.errors import FolkError
+from folklm.serve.config import GIB, ServeConfig, flag_fields, parse_adapter
+
+
+def _config_options(command):
+    """Add one ``--flag`` per flagged ``ServeConfig`` field (types only; no range checks)."""
+    for f in reversed(flag_fields()):
+        default = None if f.default is MISSING else f.default
+        kind = str if f.name in ("host", "dtype") else int
+        show = default is not None
+        command = click.option(
+            "--" + f.name.replace("_", "-"),
+            f.name,
+            type=kind,
+            default=default,
+            show_default=show,
+            help=f.metadata["help"],
+        )(command)
+    return command
 
 
 @click.command("serve")
 @click.argument("models", nargs=-1)
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
-@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--api-key", "api_keys", multiple=True, help="Require this bearer key (repeatable).")
 @click.option("--api-keys-file", type=click.Path(dir_okay=False), help="One key per line.")
-@click.option("--max-batch", type=click.IntRange(1, 1024), default=16, show_default=True,
-              help="Most sequences decoding together.")  # fmt: skip
-@click.option("--max-queue", type=click.IntRange(0), default=256, show_default=True,
-              help="Most requests waiting; beyond it: 429.")  # fmt: skip
-@click.option("--max-len", type=click.IntRange(1), default=None,
-              help="Most tokens per sequence (default: the model's context).")  # fmt: skip
-@click.option("--kv-cache-gb", type=click.FloatRange(0.01), default=4.0, show_default=True,
-              help="Memory budget of the KV cache.")  # fmt: skip
+@click.option("--kv-cache-gb", type=float, default=ServeConfig.kv_cache_bytes / GIB,
+              show_default=True, help="Memory budget of the KV cache.")  # fmt: skip
 @click.option("--adapter", "adapters", multiple=True, metavar="NAME=BASE:FOLDER",
               help="Serve a PEFT adapter folder on a served base (repeatable).")  # fmt: skip
-@click.option("--max-adapters", type=click.IntRange(1, 256), default=8, show_default=True,
-              help="Adapters resident at once (LRU).")  # fmt: skip
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32",
-              show_default=True)  # fmt: skip
-def serve(models, host, port, api_keys, api_keys_file, max_batch, max_queue, max_len,
-          kv_cache_gb, adapters, max_adapters, dtype) -> None:  # fmt: skip
+@_config_options
+def serve(models, api_keys, api_keys_file, kv_cache_gb, adapters, **settings) -> None:
     """Serve MODELS (registry names, folders or .gguf files; default: the bundled model)
     over the OpenAI API at http://HOST:PORT/v1, with a web chat at /."""
+    # lazy: imports torch; `folk --help` and the hub commands start without it
     import uvicorn
 
-    from folklm.serve.app import ServeConfig, build_app
+    from folklm.serve.app import build_app
     from folklm.serve.auth import read_keys_file
 
     keys = list(api_keys)
     if api_keys_file:
         keys += read_keys_file(api_keys_file)
-    adapter_map = {}
-    for spec in adapters:
-        name, sep, rest = spec.partition("=")
-        base, sep2, folder = rest.partition(":")
-        if not (sep and sep2 and name and base and folder):
-            raise FolkError(f"--adapter {spec!r}: expected NAME=BASE:FOLDER")
-        adapter_map[name] = (base, folder)
     config = ServeConfig(
         models=list(models) or [None],
-        adapters=adapter_map,
+        adapters=dict(parse_adapter(spec) for spec in adapters),
         api_keys=keys,
-        max_batch=max_batch,
-        max_queue=max_queue,
-        max_len=max_len,
-        kv_cache_bytes=int(kv_cache_gb * (1 << 30)),
-        max_adapters=max_adapters,
-        dtype=dtype,
-    )
-    if host not in ("127.0.0.1", "localhost", "::1") and not keys:
-        click.echo(f"warning: serving on {host} without an API key", err=True)
-    uvicorn.run(build_app(config), host=host, port=port, log_level="info")
+        kv_cache_bytes=int(kv_cache_gb * GIB),
+        **settings,
+    ).validate()
+    if config.host not in ("127.0.0.1", "localhost", "::1") and not keys:
+        click.echo(f"warning: serving on {config.host} without an API key", err=True)
+    uvicorn.run(build_app(config), host=config.host, port=config.port, log_level="info")
 
 
 def register(app: click.Group) -> None:

@@ -39,6 +39,7 @@ from folklm.errors import FolkError
 def tune(
     args, data, method, config, out, resume, merge, license_, print_config, no_progress, as_json
 ):
+    # lazy: imports torch; `folk --help` and the hub commands start without it
     from folklm.tune.recipe import build_recipe
 
     positional = [a for a in args if "=" not in a]
@@ -56,6 +57,7 @@ def tune(
         raise FolkError("missing --data FILE")
     if not out:
         raise FolkError("missing --out NAME:TAG")
+    # lazy: imports torch; `folk --help` and the hub commands start without it
     from folklm.cli.hub_cmds import _hub_warnings
     from folklm.tune import distributed
     from folklm.tune.run import finetune
@@ -84,6 +86,7 @@ def tune(
 
 
 def _report(s: dict) -> None:
+    # lazy: rich's tables and bars load only for the command that prints one
     from rich.console import Console
     from rich.table import Table
 

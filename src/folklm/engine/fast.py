@@ -7,9 +7,9 @@ changes address them without touching the maths:
 - **Packed weights.** PyTorch's default CPU path for ``x @ W.T`` with a short inner
   dimension (576 for SmolLM2) reads the weights well below the memory bandwidth; oneDNN's
   pre-packed ("reordered") layout, the one ``torch.compile``'s CPU backend uses, reads
-  them about 1.5x faster in bfloat16.
+  them faster (figures: the README's Performance section).
 - **Fused projections.** q/k/v become one matrix and gate/up another, so each layer makes
-  three fewer calls, each with its fixed cost (about 25 us per oneDNN call here).
+  three fewer calls, each with its fixed cost.
 
 Model code only offers the optional ``qkv_proj`` / ``gate_up_proj`` slots; this module
 fills them. State dicts keep the Hugging Face names (``q_proj.weight`` ...), unpacked on

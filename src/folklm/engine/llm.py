@@ -1,28 +1,33 @@
-"""The Python API: ``folklm.load(path)`` -> ``LLM`` with ``generate``, ``stream`` and ``chat``.
+"""``load(path)`` -> ``LLM`` with ``generate``, ``stream`` and ``chat``.
 
-``load`` accepts a Hugging Face folder, a ``.gguf`` file, or nothing (the bundled default
-model, SmolLM2-135M-Instruct). The CLI and (later) the server call these same functions.
+``load`` takes a path: a Hugging Face folder, a PEFT adapter folder or a ``.gguf`` file.
+It knows no hub: ``folklm.load(name_or_path)`` resolves a hub name or the bundled default
+through :func:`folklm.hub.resolve.resolve` first, then calls this function.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from folklm.checkpoint.gguf import read_gguf
 from folklm.checkpoint.hf import (
     materialize,
     read_config,
     read_generation_config,
     read_weights,
 )
+from folklm.checkpoint.peft import fused_weight, is_adapter_dir, load_adapter
 from folklm.config import ModelConfig
+from folklm.engine.fast import pack_linears
 from folklm.engine.generate import Completion, Timings, generate, generate_stream
 from folklm.errors import CheckpointError, FolkError
+from folklm.kernels.schemes import cast_float_parts, materialize_quantized
 from folklm.ops.sampling import SamplingParams
 from folklm.tokenizer import Tokenizer
 
@@ -161,52 +166,37 @@ class LLM:
         )
 
 
-def is_registry_name(text: str) -> bool:
-    """A bare ``name`` or ``name:tag`` (no path separator, no model-file suffix)."""
-    return bool(text) and "/" not in text and "\\" not in text and not text.endswith(".gguf")
-
-
 def load(
-    source: str | Path | None = None,
+    source: str | Path,
     dtype: str | torch.dtype | None = None,
     allow_pickle: bool = False,
     fast: bool = True,
+    resolve_base: Callable[[str], Path] | None = None,
 ) -> LLM:
-    """Load a model: a Hugging Face folder, a ``.gguf`` file, or None for the default model.
+    """Load a model from a path: a Hugging Face folder, an adapter folder or a ``.gguf`` file.
 
     A folder whose ``config.json`` records a ``quantization_config`` (``folk quantize``) is
     loaded as saved: integer weights stay integer, nothing is re-quantized.
 
     Args:
-        source: path to a model folder or GGUF file; None loads the bundled default.
+        source: path to a model folder, an adapter folder or a GGUF file.
         dtype: compute dtype, ``float32`` or ``bfloat16`` (``float16`` is slow on CPUs);
             None: the dtype a quantized model was saved in, else ``float32``.
         allow_pickle: accept pickled ``*.bin`` weights (loaded with ``weights_only=True``).
         fast: re-pack linear weights for fast CPU inference (``engine.fast``); turn off to
             get plain ``nn.Linear`` modules (e.g. to train or wrap them).
+        resolve_base: turns the base model an adapter names (a path or, for
+            ``folklm.load``, a hub name) into a path; None takes it as a path.
     """
     t0 = time.perf_counter()
-    if source is None:
-        from folklm.defaults import default_model_folder
-
-        source = default_model_folder()
     path = Path(source).expanduser()
-    if not path.exists() and is_registry_name(str(source)):
-        from folklm.hub.api import resolve_model  # the local hub: NAME[:TAG] -> files
-
-        path = resolve_model(str(source))
-    if path.is_dir() and not (path / "config.json").exists():
-        from folklm.checkpoint.peft import is_adapter_dir
-
-        if is_adapter_dir(path):
-            return _load_with_adapter(path, dtype, allow_pickle, fast, t0)
+    if path.is_dir() and not (path / "config.json").exists() and is_adapter_dir(path):
+        return _load_with_adapter(path, dtype, allow_pickle, fast, t0, resolve_base)
     if path.is_dir():
         config = read_config(path)
         tensors = read_weights(path, allow_pickle=allow_pickle)
         quantized = config.extra.get("quantization_config")
         if quantized is not None:
-            from folklm.quant.api import cast_float_parts, materialize_quantized
-
             saved = quantized.get("dtype", "float32") if isinstance(quantized, dict) else None
             torch_dtype = parse_dtype(dtype or saved or "float32")
             model = materialize_quantized(config, tensors, str(path))
@@ -217,8 +207,6 @@ def load(
         tokenizer = Tokenizer.from_folder(path)
         gen_config = read_generation_config(path)
     elif path.is_file() and path.suffix.lower() == ".gguf":
-        from folklm.checkpoint.gguf import read_gguf
-
         torch_dtype = parse_dtype(dtype or "float32")
         ckpt = read_gguf(path)
         config = ModelConfig.from_dict(ckpt.config)
@@ -232,21 +220,25 @@ def load(
     else:
         raise CheckpointError(f"{path}: no such file or folder")
     if fast:
-        from folklm.engine.fast import pack_linears
-
         pack_linears(model)
     return LLM(model, tokenizer, gen_config, str(path), time.perf_counter() - t0)
 
 
-def _load_with_adapter(path: Path, dtype, allow_pickle: bool, fast: bool, t0: float) -> LLM:
+def _load_with_adapter(
+    path: Path,
+    dtype,
+    allow_pickle: bool,
+    fast: bool,
+    t0: float,
+    resolve_base: Callable[[str], Path] | None,
+) -> LLM:
     """A PEFT adapter folder: load the base it names and fuse the adapter into it."""
-    from folklm.checkpoint.peft import fused_weight, load_adapter
-
     adapter = load_adapter(path, allow_pickle=allow_pickle)
     base = adapter.config.base_model_name_or_path
     if not base:
         raise CheckpointError(f"{path}: the adapter does not name its base model")
-    llm = load(base, dtype, allow_pickle, fast=False)
+    base_path = resolve_base(base) if resolve_base is not None else Path(base)
+    llm = load(base_path, dtype, allow_pickle, fast=False, resolve_base=resolve_base)
     for name, w in adapter.layers.items():
         try:
             lin = llm.model.get_submodule(name)
@@ -255,8 +247,6 @@ def _load_with_adapter(path: Path, dtype, allow_pickle: bool, fast: bool, t0: fl
         with torch.no_grad():
             lin.weight.copy_(fused_weight(lin.weight, w, adapter.config.scaling))
     if fast:
-        from folklm.engine.fast import pack_linears
-
         pack_linears(llm.model)
     llm.source, llm.load_seconds = str(path), time.perf_counter() - t0
     return llm

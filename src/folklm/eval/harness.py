@@ -27,7 +27,11 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise FolkError("the lm-eval plug-in needs lm-eval: pip install 'folklm[harness]'") from e
 
+from lm_eval.utils import simple_parse_args_string
+
+from folklm.engine.llm import load  # noqa: E402
 from folklm.eval.scorer import Scorer  # noqa: E402
+from folklm.hub.resolve import resolve_path  # noqa: E402
 
 
 @register_model("folklm")
@@ -45,16 +49,12 @@ class FolkLM(LM):
     ) -> None:
         super().__init__()
         if llm is None:
-            import folklm
-
-            llm = folklm.load(model or None, dtype=dtype)
+            llm = load(resolve_path(model or None), dtype=dtype, resolve_base=resolve_path)
         size = 16 if str(batch_size).startswith("auto") else int(batch_size)
         self.scorer = Scorer(llm, batch_size=size, max_length=max_length)
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
-        from lm_eval.utils import simple_parse_args_string
-
         args = simple_parse_args_string(arg_string)
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
         extra.pop("device", None)
@@ -85,6 +85,7 @@ class FolkLM(LM):
 
 def main(argv: list[str] | None = None) -> None:
     """The ``lm_eval`` command line with the ``folklm`` model type registered."""
+    # lazy: lm-eval's command line, needed only by the folk-lm-eval command
     from lm_eval.__main__ import cli_evaluate
 
     if argv is not None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from folklm.errors import FolkError
+from folklm.hub.api import add_evaluation, show
 
 
 def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -45,9 +46,11 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
 
 def bar_chart(table: list[dict[str, Any]], path: str | Path, title: str) -> Path:
     """Horizontal bars of the accuracy-like metrics (0..1) with ±stderr error bars."""
+    # lazy: matplotlib takes ~0.5 s to import and only charts need it
     import matplotlib
 
     matplotlib.use("Agg")
+    # pyplot after the Agg backend is chosen
     import matplotlib.pyplot as plt
 
     shown = [r for r in table if r["metric"].startswith(("acc", "exact_match"))]
@@ -76,8 +79,6 @@ def bar_chart(table: list[dict[str, Any]], path: str | Path, title: str) -> Path
 
 def store(name: str, results: dict[str, Any], config: dict[str, Any]) -> int:
     """Record every metric of ``results`` on registry entry ``name``; returns rows written."""
-    from folklm.hub.api import add_evaluation
-
     written = 0
     for section in ("results", "groups"):
         for task, r in results.get(section, {}).items():
@@ -99,8 +100,6 @@ def store(name: str, results: dict[str, Any], config: dict[str, Any]) -> int:
 
 def latest_evaluations(name: str) -> dict[tuple[str, str], dict[str, Any]]:
     """The newest stored result of each (task, metric) of registry entry ``name``."""
-    from folklm.hub.api import show
-
     out: dict[tuple[str, str], dict[str, Any]] = {}
     for r in show(name).evaluations:  # ordered by id: later rows replace earlier ones
         out[(r["task"], r["metric"])] = r

@@ -15,6 +15,7 @@ from typing import Any
 from folklm.errors import FolkError
 from folklm.eval import metrics as M
 from folklm.eval.data import load_records
+from folklm.eval.progress import bar
 from folklm.eval.scorer import Scorer
 from folklm.eval.tasks import TaskSpec, fewshot_prefix
 
@@ -196,8 +197,6 @@ def evaluate(
     (records scored), ``num_fewshot``, ``kind``, ``data`` and, with ``keep_items``, the
     per-item scores. ``prepared`` (from :func:`prepare`) skips building the requests again.
     """
-    from folklm.eval.progress import bar
-
     if not specs:
         raise FolkError("no tasks to evaluate")
     chat_template = None

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import yaml
 from jinja2.sandbox import SandboxedEnvironment
 
 from folklm.errors import FolkError
@@ -291,8 +292,6 @@ def spec_from_dict(raw: Any, origin: str, base: Path | None = None) -> TaskSpec:
 
 def load_spec(path: str | Path) -> TaskSpec:
     """Read a task spec from a YAML file (its ``data`` path is relative to the file)."""
-    import yaml
-
     p = Path(path).expanduser()
     if not p.is_file():
         raise FolkError(f"{p}: no such task spec file")

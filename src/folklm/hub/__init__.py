@@ -17,9 +17,12 @@ Modules, from the bottom up:
 * :mod:`~folklm.hub.maintenance` -- rm, tag, verify, gc, evaluations, the bundled model;
 * :mod:`~folklm.hub.api` -- the public functions the CLI, ``folklm.load`` and every
   model-making operation call (``register_model``, ``resolve_model``, ``import_path``, ...);
-* :mod:`~folklm.hub.export`, :mod:`~folklm.hub.card`, :mod:`~folklm.hub.transparency` --
-  what leaves the hub: model folders and files, model cards, transparency reports.
+* :mod:`~folklm.hub.card`, :mod:`~folklm.hub.transparency` -- model cards and
+  transparency reports (exporting files is an operation: :mod:`folklm.export`);
+* :mod:`~folklm.hub.resolve` -- the one resolver: a name, a path or nothing -> files;
+* :mod:`~folklm.hub.derive` -- the derivation context every model-making operation uses;
+* :mod:`~folklm.hub.defaults` -- the bundled default model (converted once, registered).
 
-Nothing here imports torch until a model's tensors are needed (export), so catalogue
-commands start fast.
+The hub runs no model and imports no operation; nothing here imports torch except the
+first conversion of the default model, so catalogue commands start fast.
 """

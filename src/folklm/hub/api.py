@@ -3,7 +3,8 @@
 * writing: :func:`register_model` (every operation that makes a model -- import today;
   quantize, tune and merge later -- records it through this one function, see
   :mod:`folklm.hub.register`), :func:`import_path`, :func:`add_evaluation`;
-* reading: :func:`resolve_model` (``folklm.load("name:tag")``), :func:`show`,
+* reading: :func:`resolve` (name, path or None -> files, see :mod:`folklm.hub.resolve`),
+  :func:`show`,
   :func:`list_models`, :func:`lineage`;
 * upkeep: :func:`remove`, :func:`tag`, :func:`verify`, :func:`collect_garbage` (see
   :mod:`folklm.hub.maintenance`).
@@ -18,21 +19,23 @@ from typing import Any
 from folklm.errors import FolkError
 from folklm.hub import catalogue
 from folklm.hub.catalogue import Entry, LineageNode
+from folklm.hub.defaults import register_default_model
 from folklm.hub.maintenance import (
     add_evaluation,
     collect_garbage,
-    register_default_model,
     remove,
     remove_many,
     tag,
     verify,
 )
-from folklm.hub.names import ModelRef, parse_ref, suggest_ref
-from folklm.hub.register import DataFile, HubWarning, register_model
+from folklm.hub.names import parse_ref, suggest_ref
+from folklm.hub.register import DataFile, Derivation, HubWarning, register_model
+from folklm.hub.resolve import Source, resolve, resolve_model
 from folklm.hub.store import Store
 
 __all__ = [
     "DataFile",
+    "Derivation",
     "HubWarning",
     "add_evaluation",
     "collect_garbage",
@@ -43,7 +46,9 @@ __all__ = [
     "register_model",
     "remove",
     "remove_many",
+    "resolve",
     "resolve_model",
+    "Source",
     "show",
     "tag",
     "verify",
@@ -66,43 +71,15 @@ def import_path(
     if ref is None:
         ref = suggest_ref(p.stem if p.is_file() else p.name)
     # The files' hashes are in the entry itself; the source records where they came from.
-    return register_model(p, str(ref), "import", license=license, source_info={"path": str(p)})
+    return register_model(
+        p, str(ref), Derivation("import", license=license, source_info={"path": str(p)})
+    )
 
 
 # -- reading ------------------------------------------------------------------------------
 def _open_existing() -> Store | None:
     store = Store()
     return store if store.exists() else None
-
-
-def resolve_model(name: str) -> Path:
-    """The files of registry entry ``name[:tag]``: a Hugging Face folder or a ``.gguf`` file.
-
-    The folder holds symlinks to the blobs, so weights are memory-mapped from the store.
-
-    Raises:
-        FolkError: invalid or unknown name (``unknown model 'x:latest'; see folk ls``).
-    """
-    ref = parse_ref(name)
-    for attempt in range(2):
-        store = _open_existing()
-        if store is not None:
-            with store, store.read() as conn:
-                row = catalogue.find_model(conn, ref)
-                files = catalogue.files_of(conn, row["id"]) if row is not None else []
-            if row is not None:
-                folder = store.entry_folder(
-                    row["digest"], [(f["path"], f["sha256"]) for f in files]
-                )
-                if row["format"] == "gguf":
-                    return folder / files[0]["path"]
-                return folder
-        from folklm.defaults import DEFAULT_NAME, default_model_folder
-
-        if attempt or ref != ModelRef(DEFAULT_NAME):
-            break
-        default_model_folder()  # converts (first use) and registers the bundled model
-    raise FolkError(f"unknown model '{ref}'; see folk ls")
 
 
 def show(name: str) -> Entry:
@@ -136,4 +113,4 @@ def lineage(name: str) -> LineageNode:
 
 
 # The rest of the API (rm, tag, verify, gc, evaluations, the bundled model) lives in
-# maintenance.py; re-exported here so that callers import one module.
+# maintenance.py and defaults.py; re-exported here so that callers import one module.

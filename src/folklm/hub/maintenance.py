@@ -1,5 +1,4 @@
-"""Hub upkeep: remove and tag entries, verify blobs, collect garbage, attach evaluations,
-and register the bundled default model on first use.
+"""Hub upkeep: remove and tag entries, verify blobs, collect garbage, attach evaluations.
 
 Each function is one transaction on the catalogue; blobs are deleted only under the write
 lock (see :mod:`folklm.hub.store`). Re-exported by :mod:`folklm.hub.api`.
@@ -17,7 +16,7 @@ from folklm.errors import FolkError
 from folklm.hub import catalogue
 from folklm.hub.licenses import check_name, split_expression
 from folklm.hub.names import parse_ref
-from folklm.hub.register import HubWarning, _json, folklm_version, register_model
+from folklm.hub.register import HubWarning, _json, folklm_version
 from folklm.hub.store import Store, sha256_file, utc_now
 
 
@@ -247,54 +246,3 @@ def add_evaluation(
             ),
         )
     return {"model": str(ref), **record}
-
-
-def register_default_model(folder: Path, gguf_path: Path) -> None:
-    """Record the converted bundled model as ``smollm2-135m-instruct:latest`` (once).
-
-    The converted folder's files are hard-linked into the blob store (no second copy).
-    A marker in the hub makes later calls one ``stat``; if the hub is deleted the marker
-    goes with it and the next use registers the model again.
-    """
-    from folklm.defaults import DEFAULT_NAME, DEFAULT_PACKAGE
-    from folklm.hub.modelinfo import inspect_path
-
-    store = Store()
-    marker = store.root / f"registered-{folder.name}"
-    if marker.exists():
-        return
-    existing = None
-    if store.exists():
-        with store, store.read() as conn:
-            existing = catalogue.find_model(conn, parse_ref(DEFAULT_NAME))
-    if existing is None:
-        sha, size = sha256_file(gguf_path)
-        gguf_info = inspect_path(gguf_path)
-        meta = gguf_info.gguf_metadata
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            register_model(
-                folder,
-                DEFAULT_NAME,
-                "import",
-                license=meta.get("general.license"),
-                license_source=f"GGUF general.license of {gguf_path.name}",
-                recipe={
-                    "conversion": "GGUF dequantized to float32 Hugging Face folder "
-                    "(folklm.defaults.convert_gguf_to_folder)",
-                    "source_quantization": gguf_info.quantization,
-                },
-                source_info={
-                    "file": gguf_path.name,
-                    "sha256": sha,
-                    "size": size,
-                    "package": DEFAULT_PACKAGE,
-                    "general.name": meta.get("general.name"),
-                    "general.organization": meta.get("general.organization"),
-                },
-                description="SmolLM2-135M-Instruct (Allal et al., 2025), the model bundled "
-                "with folklm, for chat and quick experiments on a CPU.",
-                link=True,
-            )
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.touch()

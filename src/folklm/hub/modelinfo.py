@@ -178,6 +178,7 @@ def _folder_quantization(config: dict[str, Any], dtypes: Counter) -> str | None:
 
 
 def _inspect_gguf(path: Path) -> ModelInfo:
+    # lazy: only GGUF files need the gguf reader (numpy); the hub commands start without it
     import gguf
 
     from folklm.checkpoint.gguf_reader import GGUFFileError, open_gguf, read_metadata

@@ -21,6 +21,7 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -47,8 +48,6 @@ class DataFile:
 
 
 def folklm_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("folklm")
     except PackageNotFoundError:
@@ -155,29 +154,11 @@ def _parent_terms(conn, row) -> Terms:
     return Terms(ids=split_expression(lic["expression"]), source=lic["source"])
 
 
-def register_model(
-    source: str | os.PathLike | Mapping[str, str | os.PathLike],
-    name: str,
-    operation: str,
-    *,
-    parents: Sequence[str] = (),
-    recipe: Mapping[str, Any] | None = None,
-    data_files: Sequence[str | os.PathLike | DataFile] = (),
-    seed: int | None = None,
-    license: str | None = None,
-    license_source: str | None = None,
-    force: bool = False,
-    compute: Mapping[str, Any] | None = None,
-    started_at: float | None = None,
-    description: str | None = None,
-    source_info: Mapping[str, Any] | None = None,
-    link: bool = False,
-) -> Entry:
-    """Record a model in the hub: the one function every model-making operation calls.
+@dataclass
+class Derivation:
+    """How a model was made: what :func:`register_model` records besides its files.
 
-    Args:
-        source: a Hugging Face folder, a ``.gguf`` file, or ``{path in entry: file}``.
-        name: ``name[:tag]`` of the new entry; an existing tag is moved to it.
+    Attributes:
         operation: what made the model: ``import``, ``quantize``, ``finetune``, ``merge``,
             ``adapter``, ``dpo``, ``distill`` ...
         parents: registry names of the models it was made from (merges: several).
@@ -193,6 +174,56 @@ def register_model(
         started_at: ``time.time()`` when the operation began (duration is recorded).
         description: intended use / a sentence for the model card.
         source_info: provenance of imported files (path, URL, sha256 of a source file).
+    """
+
+    operation: str
+    parents: Sequence[str] = ()
+    recipe: Mapping[str, Any] | None = None
+    data_files: Sequence[str | os.PathLike | DataFile] = ()
+    seed: int | None = None
+    license: str | None = None
+    license_source: str | None = None
+    force: bool = False
+    compute: Mapping[str, Any] | None = None
+    started_at: float | None = None
+    description: str | None = None
+    source_info: Mapping[str, Any] | None = None
+
+
+@dataclass
+class _Pending:
+    """An entry validated, hashed and stored as blobs: what the one transaction writes."""
+
+    ref: ModelRef
+    derivation: Derivation
+    info: ModelInfo
+    digest: str
+    manifest: list[tuple[str, str, int]]
+    parents: list[ModelRef]
+    terms: Terms
+    data: list[dict[str, Any]]
+    recipe_json: str
+    compute_json: str | None
+    source_json: str | None
+
+
+def register_model(
+    source: str | os.PathLike | Mapping[str, str | os.PathLike],
+    name: str,
+    derivation: Derivation | str,
+    *,
+    link: bool = False,
+) -> Entry:
+    """Record a model in the hub: the one function every model-making operation calls.
+
+    Operations call it through :func:`folklm.hub.derive.derive`, which stages, times and
+    cleans up around it.
+
+    Args:
+        source: a Hugging Face folder, a ``.gguf`` file, or ``{path in entry: file}``.
+        name: ``name[:tag]`` of the new entry; an existing tag is moved to it.
+        derivation: how the model was made (:class:`Derivation`); a bare operation name
+            (``"import"``) for a model with nothing else to record.
         link: hard-link the files into the store instead of copying them; only for files
             the caller owns and will not modify (a temporary output folder).
 
@@ -204,55 +235,50 @@ def register_model(
         FolkError: invalid name, unknown parent, not a model, or a licence conflict
             (``LicenseConflict``) without ``force``; nothing is written then.
     """
+    d = Derivation(derivation) if isinstance(derivation, str) else derivation
     ref = parse_ref(name)
-    if not operation or not operation.replace("_", "").replace("-", "").isalnum():
-        raise FolkError(f"invalid operation {operation!r}: use a word such as 'finetune'")
-    recipe_json = _json(dict(recipe or {}), "recipe")
-    compute_json = _json(dict(compute), "compute") if compute else None
-    source_json = _json(dict(source_info), "source_info") if source_info else None
-    parent_refs = [parse_ref(p) for p in parents]
+    if not d.operation or not d.operation.replace("_", "").replace("-", "").isalnum():
+        raise FolkError(f"invalid operation {d.operation!r}: use a word such as 'finetune'")
+    recipe_json = _json(dict(d.recipe or {}), "recipe")
+    compute_json = _json(dict(d.compute), "compute") if d.compute else None
+    source_json = _json(dict(d.source_info), "source_info") if d.source_info else None
+    parent_refs = [parse_ref(p) for p in d.parents]
     if len(set(parent_refs)) != len(parent_refs):
         raise FolkError("the same parent is listed twice")
     with tempfile.TemporaryDirectory(prefix="folk-register-") as staging:
         info = _inspect_source(source, Path(staging))
-        if operation == "import" and "folklm.lineage" in info.gguf_metadata:
+        if d.operation == "import" and "folklm.lineage" in info.gguf_metadata:
             # A GGUF exported by folklm says where it came from: keep that claim.
             claims = json.loads(source_json) if source_json else {}
             claims["embedded_lineage"] = _loads(info.gguf_metadata["folklm.lineage"])
             claims["embedded_content_hash"] = info.gguf_metadata.get("folklm.content_hash")
             source_json = _json(claims, "source_info")
-        data = _data_records(data_files)
+        data = _data_records(d.data_files)
         with Store() as store:
             # Validate against the catalogue before writing anything.
-            terms = _derive_terms(store, ref, operation, parent_refs, info, data, license, force)
-            if license and license_source:
-                terms.source = license_source
+            terms = _derive_terms(store, ref, d, parent_refs, info, data)
             hashed = {rel: store.put(path, link=link) for rel, path in info.files.items()}
             manifest = [(rel, sha, size) for rel, (sha, size) in hashed.items()]
-            digest = manifest_digest(manifest)
-            entry = _commit(
-                store,
-                ref,
-                operation,
-                info,
-                digest,
-                manifest,
-                parent_refs,
-                terms,
-                data,
-                recipe_json,
-                seed,
-                compute_json,
-                source_json,
-                started_at,
-                description,
-                link,
+            pending = _Pending(
+                ref=ref,
+                derivation=d,
+                info=info,
+                digest=manifest_digest(manifest),
+                manifest=manifest,
+                parents=parent_refs,
+                terms=terms,
+                data=data,
+                recipe_json=recipe_json,
+                compute_json=compute_json,
+                source_json=source_json,
             )
-            store.entry_folder(digest, [(rel, sha) for rel, sha, _ in manifest])
+            entry = _commit(store, pending, link)
+            store.entry_folder(pending.digest, [(rel, sha) for rel, sha, _ in manifest])
     return _emit(entry)
 
 
-def _derive_terms(store, ref, operation, parent_refs, info, data, license, force) -> Terms:
+def _derive_terms(store, ref, d: Derivation, parent_refs, info, data) -> Terms:
+    operation, license = d.operation, d.license
     parents: list[tuple[str, Terms]] = []
     if parent_refs:
         if not store.exists():
@@ -265,10 +291,11 @@ def _derive_terms(store, ref, operation, parent_refs, info, data, license, force
     if operation == "import" and not explicit:
         found = model_license(info.files, info.gguf_metadata)
         explicit = found.ids or None
-    terms = derive(
-        operation, ref.name, parents, [(d["name"], d["ids"]) for d in data], explicit, force=force
-    )
-    if license:
+    data_terms = [(f["name"], f["ids"]) for f in data]
+    terms = derive(operation, ref.name, parents, data_terms, explicit, force=d.force)
+    if license and d.license_source:
+        terms.source = d.license_source
+    elif license:
         terms.source = "declared by the caller (--license)"
     elif found is not None:
         terms.source = found.source
@@ -279,28 +306,13 @@ def _derive_terms(store, ref, operation, parent_refs, info, data, license, force
     return terms
 
 
-def _commit(
-    store,
-    ref,
-    operation,
-    info: ModelInfo,
-    digest,
-    manifest,
-    parent_refs,
-    terms: Terms,
-    data,
-    recipe_json,
-    seed,
-    compute_json,
-    source_json,
-    started_at,
-    description,
-    link,
-) -> Entry:
+def _commit(store: Store, p: _Pending, link: bool) -> Entry:
+    ref, info, manifest, digest, terms = p.ref, p.info, p.manifest, p.digest, p.terms
+    operation, started_at = p.derivation.operation, p.derivation.started_at
     now = utc_now()
     total_size = sum(size for _, _, size in manifest)
     env = _environment()
-    compute = json.loads(compute_json) if compute_json else {}
+    compute = json.loads(p.compute_json) if p.compute_json else {}
     if started_at is not None:
         compute.setdefault("duration_s", round(time.time() - started_at, 3))
     if operation != "import":
@@ -325,7 +337,7 @@ def _commit(
                 entry = catalogue.load_entry(conn, existing, str(ref))
                 entry.warnings = [f"{ref} already holds these files; nothing changed"]
                 return entry
-        parent_rows = [catalogue.require_model(conn, p) for p in parent_refs]
+        parent_rows = [catalogue.require_model(conn, r) for r in p.parents]
         # Under the write lock no rm/gc can run: any blob missing now (deleted by one that
         # ran while we copied) is stored again before it is referenced.
         for rel, sha, size in manifest:
@@ -346,7 +358,7 @@ def _commit(
                 info.quantization,
                 total_size,
                 _json(info.config, "config"),
-                description,
+                p.derivation.description,
                 now,
             ),
         ).lastrowid
@@ -358,8 +370,8 @@ def _commit(
             "INSERT INTO lineage (child_id, position, parent_id, parent_name, parent_digest) "
             "VALUES (?, ?, ?, ?, ?)",
             [
-                (mid, i, r["id"], str(p), r["digest"])
-                for i, (p, r) in enumerate(zip(parent_refs, parent_rows, strict=True))
+                (mid, i, row["id"], str(r), row["digest"])
+                for i, (r, row) in enumerate(zip(p.parents, parent_rows, strict=True))
             ],
         )
         conn.execute(
@@ -369,9 +381,9 @@ def _commit(
             (
                 mid,
                 operation,
-                recipe_json,
-                seed,
-                source_json,
+                p.recipe_json,
+                p.derivation.seed,
+                p.source_json,
                 _json(compute, "compute") if compute else None,
                 _json(env, "environment"),
                 env["folklm"],
@@ -394,7 +406,7 @@ def _commit(
                     d["license_source"],
                     d["source"],
                 )
-                for i, d in enumerate(data)
+                for i, d in enumerate(p.data)
             ],
         )
         commercial = terms.commercial

@@ -39,7 +39,6 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from folklm.defaults import folk_home
 from folklm.errors import FolkError
 
 SCHEMA_VERSION = 1
@@ -167,6 +166,11 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def folk_home() -> Path:
+    """``$FOLK_HOME`` or ``~/.folklm``: where folklm keeps its hub, cache and runs."""
+    return Path(os.environ.get("FOLK_HOME") or Path.home() / ".folklm").expanduser()
 
 
 def _pid_alive(pid: int) -> bool:

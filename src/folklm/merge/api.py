@@ -1,8 +1,8 @@
 """``merge_models``: run a recipe and record the result in the local hub.
 
-The merged folder is written under ``$FOLK_HOME`` (same file system as the store, so the
-files are hard-linked in rather than copied), then registered through
-:func:`folklm.hub.register.register_model` with operation ``merge`` (``lora_fuse`` for an
+The merged folder is written in a :func:`folklm.hub.derive.derive` context (staged under
+``$FOLK_HOME``, so the files are hard-linked into the store rather than copied), which
+registers it with operation ``merge`` (``lora_fuse`` for an
 adapter fused into its base), every registry input as a parent (their content hashes are
 recorded by the hub), the full YAML text and parsed recipe, the content hash of every
 input given by path and of every adapter, and the seed.
@@ -10,14 +10,20 @@ input given by path and of every adapter, and the seed.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from folklm.hub import api
+from folklm.hub.catalogue import Entry
+from folklm.hub.derive import derive
+from folklm.hub.modelinfo import collect_files
+from folklm.hub.names import parse_ref
+from folklm.hub.store import manifest_digest, sha256_file
 from folklm.merge.config import MergeConfig, load_config
 from folklm.merge.executor import MergeStats, open_inputs, run_merge
 from folklm.merge.inputs import OpenModel
@@ -25,7 +31,7 @@ from folklm.merge.inputs import OpenModel
 
 @dataclass
 class MergeReport:
-    entry: Any  # folklm.hub.catalogue.Entry
+    entry: Entry
     stats: MergeStats
     inputs: list[dict[str, Any]]
 
@@ -51,9 +57,6 @@ class MergeReport:
 
 
 def _folder_hash(folder: Path) -> str:
-    from folklm.hub.modelinfo import collect_files
-    from folklm.hub.store import manifest_digest, sha256_file
-
     files = collect_files(folder)
     return "sha256:" + manifest_digest(
         [(rel, *sha256_file(path)) for rel, path in sorted(files.items())]
@@ -61,8 +64,6 @@ def _folder_hash(folder: Path) -> str:
 
 
 def _dump(data: dict[str, Any]) -> str:
-    import yaml
-
     return yaml.safe_dump(data, sort_keys=False)
 
 
@@ -70,8 +71,6 @@ def describe_inputs(
     base: OpenModel | None, others: list[OpenModel]
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """(a record per input with its content hash, the registry parents in order)."""
-    from folklm.hub import api
-
     records: list[dict[str, Any]] = []
     parents: list[str] = []
     for role, m in [("base", base)] * (base is not None) + [("model", o) for o in others]:
@@ -106,10 +105,6 @@ def merge_models(
     Raises:
         FolkError: a bad recipe, input or name; nothing is registered then.
     """
-    from folklm.defaults import folk_home
-    from folklm.hub.names import parse_ref
-    from folklm.hub.register import register_model
-
     started = time.time()
     parse_ref(out_name)  # a bad name fails before any work
     if isinstance(config, MergeConfig):
@@ -120,32 +115,25 @@ def merge_models(
         yaml_text = path.read_text(encoding="utf-8")
     opened = open_inputs(cfg)
     inputs, parents = describe_inputs(*opened)
-    home = folk_home()
-    home.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".merge-", dir=home))
-    try:
+    recipe = {
+        "merge_method": cfg.method,
+        "config": cfg.raw,
+        "yaml": yaml_text if yaml_text is not None else _dump(cfg.raw),
+        "inputs": inputs,
+    }
+    derivation = derive(
+        out_name,
+        "lora_fuse" if cfg.method == "lora_fuse" else "merge",
+        parents=parents,
+        recipe=recipe,
+        seed=cfg.seed,
+        license=license,
+        force=force,
+        description=f"{cfg.method} merge of " + ", ".join(r["model"] for r in inputs),
+        started_at=started,
+    )
+    with derivation as d:
         stats = run_merge(
-            cfg, work / "model", max_shard_bytes=max_shard_bytes, progress=progress, opened=opened
+            cfg, d.folder, max_shard_bytes=max_shard_bytes, progress=progress, opened=opened
         )
-        recipe = {
-            "merge_method": cfg.method,
-            "config": cfg.raw,
-            "yaml": yaml_text if yaml_text is not None else _dump(cfg.raw),
-            "inputs": inputs,
-        }
-        entry = register_model(
-            work / "model",
-            out_name,
-            "lora_fuse" if cfg.method == "lora_fuse" else "merge",
-            parents=parents,
-            recipe=recipe,
-            seed=cfg.seed,
-            license=license,
-            force=force,
-            started_at=started,
-            link=True,
-            description=f"{cfg.method} merge of " + ", ".join(r["model"] for r in inputs),
-        )
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return MergeReport(entry, stats, inputs)
+    return MergeReport(d.entry, stats, inputs)

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from folklm.errors import FolkError
 
 METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp", "lora_fuse")
@@ -276,8 +278,6 @@ def _lora_fuse(data, source, base, parameters, dtype, out_dtype, seed) -> MergeC
 
 def load_config(path: str | Path) -> MergeConfig:
     """Read and validate a YAML recipe file."""
-    import yaml
-
     p = Path(path).expanduser()
     try:
         text = p.read_text(encoding="utf-8")

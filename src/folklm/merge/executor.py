@@ -9,6 +9,7 @@ tensor per input plus the method's scratch, not one model per input.
 
 from __future__ import annotations
 
+import json
 import resource
 import shutil
 import sys
@@ -20,9 +21,10 @@ from pathlib import Path
 
 import torch
 
+from folklm.checkpoint.safetensors_io import release_pages
 from folklm.errors import FolkError
 from folklm.merge import methods
-from folklm.merge.config import MergeConfig, Param
+from folklm.merge.config import GLOBAL_DEFAULTS, MergeConfig, Param
 from folklm.merge.inputs import (
     OpenModel,
     check_compatible,
@@ -122,7 +124,6 @@ def merge_tensor(
         return methods.task_arithmetic(
             base, others, weights, lam=lam, normalize=normalize, densities=dens, generators=gens
         )
-    from folklm.checkpoint.safetensors_io import release_pages
 
     return methods.ties(
         base,
@@ -137,8 +138,6 @@ def merge_tensor(
 
 
 def _default(method: str, key: str):
-    from folklm.merge.config import GLOBAL_DEFAULTS
-
     return GLOBAL_DEFAULTS[method][key]
 
 
@@ -215,8 +214,6 @@ def _weight_bytes(m: OpenModel) -> int:
 
 def _copy_side_files(ref: OpenModel, folder: Path, out_dtype: torch.dtype) -> None:
     """config.json (with the new dtype) and the tokenizer/generation files of ``ref``."""
-    import json
-
     config = dict(ref.config)
     config["dtype" if "dtype" in config else "torch_dtype"] = str(out_dtype).removeprefix("torch.")
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")

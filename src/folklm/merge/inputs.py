@@ -16,11 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer
 
 from folklm.checkpoint.hf import read_json, read_weights
-from folklm.checkpoint.peft import Adapter, is_adapter_dir, load_adapter
+from folklm.checkpoint.peft import Adapter, fused_weight, is_adapter_dir, load_adapter
 from folklm.checkpoint.safetensors_io import release_pages
 from folklm.errors import FolkError
+from folklm.hub.names import parse_ref
+from folklm.hub.resolve import resolve
 from folklm.merge.config import InputModel
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -48,8 +51,6 @@ class OpenModel:
         if self.adapter is not None and name.endswith(".weight"):
             lora = self.adapter.layers.get(name[: -len(".weight")])
             if lora is not None:
-                from folklm.checkpoint.peft import fused_weight
-
                 return fused_weight(t.float(), lora, self.adapter.config.scaling)
         return t
 
@@ -58,21 +59,14 @@ class OpenModel:
 
 
 def _locate(ref: str, where: str) -> tuple[Path, str | None]:
-    path = Path(ref).expanduser()
-    registry = None
+    try:
+        src = resolve(ref)
+    except FolkError as e:
+        raise FolkError(f"{where}: {e}") from None
+    path = src.path
     if not path.exists():
-        from folklm.engine.llm import is_registry_name
-
-        if not is_registry_name(ref):
-            raise FolkError(f"{where}: {ref}: no such file or folder")
-        from folklm.hub.api import resolve_model
-        from folklm.hub.names import parse_ref
-
-        try:
-            path = resolve_model(ref)
-        except FolkError as e:
-            raise FolkError(f"{where}: {e}") from None
-        registry = str(parse_ref(ref))
+        raise FolkError(f"{where}: {ref}: no such file or folder")
+    registry = str(parse_ref(src.name)) if src.name is not None else None
     if path.suffix.lower() == ".gguf":
         raise FolkError(
             f"{where}: {ref} is a GGUF file: merging reads Hugging Face safetensors folders of "
@@ -146,7 +140,6 @@ def vocabulary(folder: Path) -> dict[str, int] | None:
     path = folder / "tokenizer.json"
     if not path.is_file():
         return None
-    from tokenizers import Tokenizer
 
     try:
         return Tokenizer.from_file(str(path)).get_vocab(with_added_tokens=True)

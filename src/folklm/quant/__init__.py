@@ -1,22 +1,17 @@
 """Quantization: shrink a model's linear layers to int8, int4, NF4 or GPTQ int4.
 
 ``quantize(model, scheme)`` swaps the layers in place; ``quantized_state_dict`` and
-``load_quantized`` save and reload the result without re-quantizing. See ``api``.
+``load_quantized`` save and reload the result without re-quantizing. See ``api`` and
+:mod:`folklm.kernels.schemes` (the saved format, which the loader uses).
 """
 
-from folklm.quant.api import (
-    SCHEMES,
-    load_quantized,
-    materialize_quantized,
-    parse_scheme,
-    quantize,
-    quantized_state_dict,
-)
-from folklm.quant.base import QuantizedLinear
+from folklm.kernels.base import QuantizedLinear
+from folklm.kernels.int4 import Int4Linear
+from folklm.kernels.int8 import Int8Linear
+from folklm.kernels.nf4 import NF4Linear
+from folklm.kernels.schemes import SCHEMES, load_quantized, materialize_quantized, parse_scheme
+from folklm.quant.api import quantize, quantized_state_dict
 from folklm.quant.gptq import GPTQConfig
-from folklm.quant.int4 import Int4Linear
-from folklm.quant.int8 import Int8Linear
-from folklm.quant.nf4 import NF4Linear
 
 __all__ = [
     "SCHEMES",

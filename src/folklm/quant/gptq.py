@@ -12,7 +12,7 @@ group parameters then come from the unmodified weight ("static groups") so that 
 runs of consecutive inputs.
 
 The output is the same codes/scales/zeros format as round-to-nearest int4
-(``folklm.quant.int4``: ``w = s (q - 8) + z``), so the same kernel runs it.
+(``folklm.kernels.int4``: ``w = s (q - 8) + z``), so the same kernel runs it.
 
 Calibration follows the reference's sequential scheme: the inputs of decoder layer ``l`` are
 those produced by the already-quantized layers ``< l``; within a layer every linear sees the
@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from folklm.errors import FolkError
-from folklm.quant.base import scale_dtype
-from folklm.quant.int4 import (
+from folklm.kernels.base import scale_dtype
+from folklm.kernels.int4 import (
     MID,
     Int4Linear,
     check_group_size,

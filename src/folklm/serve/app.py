@@ -14,7 +14,6 @@ from __future__ import annotations
 import sys
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +22,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+import folklm
+from folklm.engine.multilora import MultiLoRA
 from folklm.engine.scheduler import Engine, QueueFull
 from folklm.errors import FolkError
+from folklm.hub.defaults import DEFAULT_NAME
 from folklm.serve import chat, completions, embeddings
 from folklm.serve.auth import AuthError, check
+from folklm.serve.config import ServeConfig
 from folklm.serve.metrics import Metrics
 from folklm.serve.models import ModelNotFound, ModelTable
 from folklm.serve.protocol import (
@@ -39,27 +42,7 @@ from folklm.serve.protocol import (
 WEB = Path(__file__).parent / "web"
 
 
-@dataclass
-class ServeConfig:
-    """What ``folk serve`` starts. ``models``: registry names, paths, loaded ``LLM``
-    objects, or None for the bundled default; ``adapters``: name -> (base, PEFT folder)."""
-
-    models: list[Any] = field(default_factory=lambda: [None])
-    names: list[str | None] | None = None
-    adapters: dict[str, tuple[str, str]] = field(default_factory=dict)
-    api_keys: list[str] = field(default_factory=list)
-    max_batch: int = 16
-    max_queue: int = 256
-    max_len: int | None = None
-    kv_cache_bytes: int = 4 << 30
-    max_adapters: int = 8
-    max_body_bytes: int = 4 << 20
-    dtype: str = "float32"
-
-
 def _model_name(source: Any) -> str:
-    from folklm.defaults import DEFAULT_NAME
-
     if source is None:
         return DEFAULT_NAME
     if isinstance(source, str | Path):
@@ -69,9 +52,6 @@ def _model_name(source: Any) -> str:
 
 
 def load_engines(config: ServeConfig, table: ModelTable, metrics: Metrics) -> None:
-    import folklm
-    from folklm.engine.multilora import MultiLoRA
-
     names = config.names or [None] * len(config.models)
     for source, name in zip(config.models, names, strict=True):
         llm = source if hasattr(source, "model") else folklm.load(source, dtype=config.dtype)
@@ -136,8 +116,12 @@ class BodyLimit:
 
 
 def build_app(config: ServeConfig | None = None) -> FastAPI:
-    """The server application; models load when its lifespan starts."""
-    config = config or ServeConfig()
+    """The server application; models load when its lifespan starts.
+
+    Raises:
+        FolkError: a bad setting (:meth:`ServeConfig.validate`), before anything loads.
+    """
+    config = (config or ServeConfig()).validate()
     table = ModelTable()
     metrics = Metrics()
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from folklm.engine.constrained import JsonConstraint, Vocabulary
 from folklm.engine.scheduler import Request
 from folklm.errors import FolkError
 from folklm.serve.protocol import ChatCompletionRequest, ResponseFormat, error_body, new_id, now
@@ -44,7 +45,6 @@ async def constraint_for(served: ServedModel, fmt: ResponseFormat | None) -> Any
     """The shared (memoising) JSON constraint for a response format, or None."""
     if fmt is None or fmt.type == "text":
         return None
-    from folklm.engine.constrained import JsonConstraint, Vocabulary
 
     schema = None
     if fmt.type == "json_schema":

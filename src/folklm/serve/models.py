@@ -12,7 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from folklm.checkpoint.peft import is_adapter_dir
 from folklm.errors import FolkError
+from folklm.hub import api
+from folklm.hub.names import parse_ref
 from folklm.serve.runner import ServedModel, TokenText
 
 
@@ -66,10 +69,6 @@ class ModelTable:
         return self._from_hub(model, None, model)
 
     def _from_hub(self, name: str, base: str | None, asked: str) -> ServedModel:
-        from folklm.checkpoint.peft import is_adapter_dir
-        from folklm.hub import api
-        from folklm.hub.names import parse_ref
-
         try:
             parse_ref(name)
             entry = api.show(name)
@@ -90,8 +89,6 @@ class ModelTable:
     def discover(self) -> list[str]:
         """Add every hub adapter whose parent is a served base; return one-line warnings
         for those that cannot be served (they stay out of the listing)."""
-        from folklm.hub import api
-
         warnings = []
         bare_bases = {_bare(b): b for b in self.bases}
         for row in api.list_models():

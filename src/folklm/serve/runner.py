@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from folklm.engine.grammar import token_bytes
 from folklm.engine.scheduler import Engine, Request
 
 
@@ -33,8 +34,6 @@ class TokenText:
     """Token id -> text piece and raw bytes, for logprobs (cached per tokenizer)."""
 
     def __init__(self, tokenizer: Any):
-        from folklm.engine.grammar import token_bytes
-
         self.tokenizer = tokenizer
         self.bytes = token_bytes(tokenizer)
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from folklm.errors import FolkError
 
@@ -55,7 +56,6 @@ def wrap(module: nn.Module, recipe, ctx: Context) -> nn.Module:
             "parallel=fsdp: PyTorch's FSDP needs a GPU and folklm trains on the CPU; "
             "use parallel=ddp"
         )
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     return DDP(module)
 

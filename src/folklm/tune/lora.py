@@ -7,7 +7,7 @@ DoRA (Liu et al., 2024, arXiv:2402.09353, eq. 5): ``W' = m * (W + s B A) / ||W +
 with the norm treated as a constant in the backward pass (section 4.3), computed as PEFT
 does: ``y = W x + (m / n - 1) * W x + (m / n) * s * B A x``.
 QLoRA (Dettmers et al., 2023, arXiv:2305.14314): the same update over a frozen NF4 base
-(:class:`folklm.quant.nf4.NF4Linear`), dequantized on the fly.
+(:class:`folklm.kernels.nf4.NF4Linear`), dequantized on the fly.
 
 Module names follow PEFT's (``base_layer``, ``lora_A``, ``lora_B``,
 ``lora_magnitude_vector``), so an adapter's tensors map one to one onto PEFT's files
@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from folklm.checkpoint.peft import AdapterConfig, LoraWeights, fused_weight
+from folklm.checkpoint.peft import AdapterConfig, LoraWeights, fused_weight, load_adapter
 from folklm.errors import FolkError
-from folklm.quant.base import QuantizedLinear
+from folklm.kernels.base import QuantizedLinear
 
 ALL_LINEAR = "all-linear"
 
@@ -283,8 +283,6 @@ def merge_adapter_into(
 
 def attach_adapter(model: nn.Module, path, merge: bool = False) -> AdapterConfig:
     """Load a PEFT adapter folder onto ``model``: wrap its layers (or fuse when ``merge``)."""
-    from folklm.checkpoint.peft import load_adapter
-
     adapter = load_adapter(path)
     if merge:
         merge_adapter_into(model, adapter.layers, adapter.config)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from folklm.ops.attention import build_mask
 from folklm.tune.data import IGNORE
 
 CHUNK_ROWS = 512
@@ -73,8 +74,6 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor)
 
 def hidden_states(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """Final-norm hidden states (B, T, C) of a folklm causal LM, no KV cache (training)."""
-    from folklm.ops.attention import build_mask
-
     net = model.model
     B, T = input_ids.shape
     pos = torch.arange(T, device=input_ids.device).expand(B, T)

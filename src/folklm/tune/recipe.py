@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from folklm.errors import FolkError
 
 METHODS = ("lora", "qlora", "dora", "full", "dpo")
@@ -95,8 +97,6 @@ class Recipe:
         return asdict(self)
 
     def to_yaml(self) -> str:
-        import yaml
-
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
@@ -155,8 +155,6 @@ def build_recipe(
         values[key] = _convert(key, value, types_[key], where)
 
     if config is not None:
-        import yaml
-
         path = Path(config)
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}

@@ -3,9 +3,9 @@
 The steps ``folk tune`` (and Python users) go through: check the recipe, the output name
 and the data before any training; load the base with plain ``nn.Linear`` layers; attach
 LoRA / DoRA (over an NF4 base for QLoRA) or unfreeze everything (full); train; save the
-adapter in PEFT's format (or the whole model); record it with
-:func:`folklm.hub.register.register_model` (parent = the base, the full recipe, the data
-file's hash, the seed). Under ``torchrun`` rank 0 alone writes and registers.
+adapter in PEFT's format (or the whole model) inside a :func:`folklm.hub.derive.derive`
+context, which registers it (parent = the base, the full recipe, the data file's hash, the
+seed) or removes it on failure. Under ``torchrun`` rank 0 alone writes and registers.
 """
 
 from __future__ import annotations
@@ -13,36 +13,43 @@ from __future__ import annotations
 import copy
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from folklm.checkpoint.hf import save_folder
+from folklm.checkpoint.peft import AdapterConfig, save_adapter
+from folklm.config import ModelConfig
+from folklm.engine.llm import load
 from folklm.errors import FolkError
+from folklm.hub.derive import derive
+from folklm.hub.names import ModelRef, parse_ref
+from folklm.hub.resolve import resolve, resolve_path
+from folklm.hub.store import folk_home
+from folklm.quant.api import quantize
 from folklm.tune import distributed as dist_
+from folklm.tune.data import build_dataset
+from folklm.tune.dpo import DPOTask
+from folklm.tune.lora import (
+    adapter_state,
+    apply_lora,
+    dequantize_linears,
+    merge_lora,
+    resolve_targets,
+)
+from folklm.tune.loss import SFTTask
 from folklm.tune.recipe import Recipe
+from folklm.tune.trainer import split_eval, train
 
 
 def run_folder(out: str) -> Path:
-    from folklm.defaults import folk_home
-    from folklm.hub.names import parse_ref
-
     ref = parse_ref(out)
     return folk_home() / "runs" / f"{ref.name}-{ref.tag}"
 
 
-def _base_name(model: str) -> tuple[str | None, str]:
-    """(registry name of the base or None, what to load)."""
-    from folklm.engine.llm import is_registry_name
-
-    if model and not Path(model).expanduser().exists() and is_registry_name(model):
-        return model, model
-    return None, model
-
-
-def adapter_config(recipe: Recipe, base: str | None):
-    from folklm.checkpoint.peft import AdapterConfig
-
+def adapter_config(recipe: Recipe, base: str | None) -> AdapterConfig:
     return AdapterConfig(
         r=recipe.lora_rank,
         lora_alpha=recipe.lora_alpha,
@@ -56,8 +63,6 @@ def adapter_config(recipe: Recipe, base: str | None):
 
 def prepare_model(llm, recipe: Recipe, base: str | None):
     """Attach the trainable part for ``recipe.method``; returns the adapter config or None."""
-    from folklm.tune.lora import apply_lora, resolve_targets
-
     model = llm.model
     if recipe.method == "full":
         for p in model.parameters():
@@ -66,8 +71,6 @@ def prepare_model(llm, recipe: Recipe, base: str | None):
     cfg = adapter_config(recipe, base)
     resolve_targets(model, cfg.target_modules)  # a bad name fails before quantizing
     if recipe.method == "qlora":
-        from folklm.quant.api import quantize
-
         quantize(model, "nf4", progress=False)
     apply_lora(model, cfg)
     return cfg
@@ -92,19 +95,15 @@ def finetune(
     Raises:
         FolkError: bad recipe, name, data or target module; nothing is written then.
     """
-    import folklm
-    from folklm.hub.names import parse_ref
-    from folklm.tune.data import build_dataset
-    from folklm.tune.trainer import split_eval, train
-
     started = time.time()
     ref = parse_ref(out)
     recipe.validate()
-    parent, source = _base_name(model)
+    base = resolve(model)
+    parent, source = base.name, model
     if merge and recipe.method == "full":
         raise FolkError("--merge applies to adapters; a full fine-tune is already a whole model")
     ctx = dist_.context()
-    llm = folklm.load(source, dtype="float32", fast=False)
+    llm = load(base.path, dtype="float32", fast=False, resolve_base=resolve_path)
     plain_config = copy.deepcopy(llm.model.config)
     ds = build_dataset(
         data,
@@ -115,17 +114,10 @@ def finetune(
         preference=recipe.method == "dpo",
     )
     torch.manual_seed(recipe.seed)
-    cfg = prepare_model(llm, recipe, parent or str(Path(source).expanduser().resolve()))
+    cfg = prepare_model(llm, recipe, parent or str(base.path.resolve()))
     train_ex, eval_ex = split_eval(ds.examples, recipe)
     pad = llm.tokenizer.pad_token_id or 0
-    if recipe.method == "dpo":
-        from folklm.tune.dpo import DPOTask
-
-        task = DPOTask(recipe.dpo_beta, pad)
-    else:
-        from folklm.tune.loss import SFTTask
-
-        task = SFTTask(pad)
+    task = DPOTask(recipe.dpo_beta, pad) if recipe.method == "dpo" else SFTTask(pad)
     run_dir = run_folder(str(ref))
     if not resume and ctx.rank == 0 and run_dir.exists():
         shutil.rmtree(run_dir)
@@ -160,66 +152,71 @@ def finetune(
         "loss_plot": str(run_dir / "loss.png"),
     }
     if ctx.rank == 0:
-        summary.update(
-            _save_and_register(
-                llm,
-                plain_config,
-                cfg,
-                recipe,
-                ref,
-                parent,
-                source,
-                data,
-                ds,
-                run_dir,
-                merge,
-                started,
-                license,
-            )
-        )
+        run = _Run(llm, plain_config, cfg, recipe, ds, data, ref, parent, source, run_dir)
+        summary.update(_save_and_register(run, merge, started, license))
     dist_.barrier(ctx)
     return summary
 
 
-def _save_and_register(
-    llm, plain_config, cfg, recipe, ref, parent, source, data, ds, run_dir, merge, started, lic
-) -> dict[str, Any]:
-    from folklm.checkpoint.hf import save_folder
-    from folklm.checkpoint.peft import save_adapter
-    from folklm.hub.register import register_model
-    from folklm.tune.lora import adapter_state, dequantize_linears, merge_lora
+@dataclass
+class _Run:
+    """What a finished training run hands to the hub."""
 
+    llm: Any  # folklm.engine.llm.LLM, its model in training form
+    plain_config: ModelConfig  # the base's config before any adapter or quantization
+    adapter: AdapterConfig | None  # None: a full fine-tune
+    recipe: Recipe
+    dataset: Any  # folklm.tune.data.Dataset: format and counts for the record
+    data: str | Path
+    ref: ModelRef
+    parent: str | None  # the base's hub name, if it came from the hub
+    source: str  # the base as given
+    run_dir: Path
+
+
+def _save_and_register(
+    run: _Run, merge: bool, started: float, license: str | None
+) -> dict[str, Any]:
+    """Save the adapter (or the model) in the run folder and register it; ``merge``: also
+    save and register the merged model. Each write is one derivation context."""
+    ds, llm = run.dataset, run.llm
     full_recipe = {
-        **recipe.to_dict(),
-        "base_model": parent or str(source),
+        **run.recipe.to_dict(),
+        "base_model": run.parent or str(run.source),
         "data_format": ds.format,
         "examples": ds.records,
         "truncated": ds.truncated,
         "dropped": ds.dropped,
     }
-    operation = {"full": "finetune", "dpo": "dpo"}.get(recipe.method, "adapter")
-    parents = [parent] if parent else []
+    operation = {"full": "finetune", "dpo": "dpo"}.get(run.recipe.method, "adapter")
+    record = dict(
+        recipe=full_recipe, data_files=[run.data], seed=run.recipe.seed, started_at=started
+    )
     out: dict[str, Any] = {}
-    if cfg is not None:
-        folder = save_adapter(run_dir / "adapter", cfg, adapter_state(llm.model))
-        out["adapter_path"] = str(folder)
-    else:
-        folder = run_dir / "model"
-        tensors = {k: v.detach() for k, v in llm.model.state_dict().items()}
-        save_folder(folder, plain_config, tensors, llm.tokenizer.files(), llm.generation_config)
-        out["model_path"] = str(folder)
-    kw = dict(recipe=full_recipe, data_files=[data], seed=recipe.seed, started_at=started)
-    entry = register_model(folder, str(ref), operation, parents=parents, license=lic, **kw)
-    out["entry"] = entry.name
+    folder = run.run_dir / ("adapter" if run.adapter is not None else "model")
+    parents = [run.parent] if run.parent else []
+    with derive(
+        str(run.ref), operation, parents=parents, license=license, folder=folder, **record
+    ) as d:
+        if run.adapter is not None:
+            save_adapter(d.folder, run.adapter, adapter_state(llm.model))
+            out["adapter_path"] = str(d.folder)
+        else:
+            tensors = {k: v.detach() for k, v in llm.model.state_dict().items()}
+            files = llm.tokenizer.files()
+            save_folder(d.folder, run.plain_config, tensors, files, llm.generation_config)
+            out["model_path"] = str(d.folder)
+    out["entry"] = d.entry.name
     if merge:
         merge_lora(llm.model)
         dequantize_linears(llm.model)  # QLoRA: the merged model is dense (NF4 base dequantized)
-        mfolder = run_dir / "merged"
-        tensors = {k: v.detach() for k, v in llm.model.state_dict().items()}
-        save_folder(mfolder, plain_config, tensors, llm.tokenizer.files(), llm.generation_config)
-        mref = f"{ref.name}-merged:{ref.tag}"
+        mref = f"{run.ref.name}-merged:{run.ref.tag}"
         # the merged weights come from the adapter entry (which points to the base)
-        register_model(mfolder, mref, "merge", parents=[str(ref)], **kw)
+        merged = run.run_dir / "merged"
+        with derive(mref, "merge", parents=[str(run.ref)], folder=merged, **record) as m:
+            tensors = {k: v.detach() for k, v in llm.model.state_dict().items()}
+            files = llm.tokenizer.files()
+            save_folder(m.folder, run.plain_config, tensors, files, llm.generation_config)
         out["merged_entry"] = mref
-        out["merged_path"] = str(mfolder)
+        out["merged_path"] = str(m.folder)
     return out

@@ -28,7 +28,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from folklm.errors import FolkError
 from folklm.tune import distributed as dist_
@@ -110,8 +113,6 @@ def split_eval(examples: list, recipe: Recipe) -> tuple[list, list]:
 
 def enable_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each decoder layer in the backward pass instead of storing its activations."""
-    from torch.utils.checkpoint import checkpoint
-
     for layer in model.model.layers:
         inner = layer.forward
 
@@ -189,9 +190,11 @@ def _read_metrics(path: Path, upto: int) -> list[dict[str, Any]]:
 
 def plot_losses(history: list[dict[str, Any]], path: Path) -> Path:
     """Train (and eval) loss against step, as a PNG."""
+    # lazy: matplotlib takes ~0.5 s to import and only the loss plot needs it
     import matplotlib
 
     matplotlib.use("Agg")
+    # pyplot after the Agg backend is chosen
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
@@ -213,8 +216,6 @@ def plot_losses(history: list[dict[str, Any]], path: Path) -> Path:
 def _progress(enabled: bool, total: int, start: int):
     if not enabled:
         return None
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     bar = Progress(
         TextColumn("step {task.completed}/{task.total}"),

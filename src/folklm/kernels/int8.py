@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from folklm.quant.base import KERNEL_DTYPES, QuantizedLinear, compute_dtype, scale_dtype
+from folklm.kernels.base import KERNEL_DTYPES, QuantizedLinear, compute_dtype, scale_dtype
 
 QMAX = 127
 

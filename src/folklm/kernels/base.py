@@ -7,18 +7,11 @@ the bias a parameter with ``requires_grad=False``. ``dequantize()`` returns the 
 the layer computes with; a LoRA/QLoRA wrapper builds on it.
 
 PyTorch's weight-only kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) are
-written for decoding: a few rows of activations against a large weight. On a 2048x5632
-layer (2 cores, AVX-512, torch 2.13; ms, kernel / dequantize + matmul):
-
-    rows             1             8            128            512
-    int8 bf16    0.35 / 2.1    1.3 / 3.2    22 / 10        96 / 34
-    int4 bf16    0.38 / 36     1.4 / 40     21 / 50        80 / 64
-    int8 fp32    4.9 / 18     (2 rows: 12.7 / 26.5; 4 rows: 25 / 23)
-    int4 fp32    10 / 27      (2 rows: 21 / 37;     4 rows: 40 / 32)
-
-(a dense bfloat16 matmul takes 0.94 ms for one row). So ``forward`` sends inputs of up to
-``kernel_max_rows`` rows to the kernel and larger ones to a dense matmul on the dequantized
-weight; both compute the same numbers up to float rounding.
+written for decoding: a few rows of activations against a large weight. For many rows a
+dense matmul on the dequantized weight is faster (measured figures: the README's
+Performance section). So ``forward`` sends inputs of up to ``kernel_max_rows`` rows to the
+kernel and larger ones to a dense matmul on the dequantized weight; both compute the same
+numbers up to float rounding.
 """
 
 from __future__ import annotations

@@ -1,5 +1,9 @@
 """``folk export``: an entry out of the hub as a Hugging Face folder or a GGUF file.
 
+Export is an operation (layer 4), not part of the store: it may load a model (a quantized
+entry is dequantized or re-encoded), so it sits beside quantize, tune and merge and reads
+the hub through :mod:`folklm.hub.api` like them.
+
 * ``hf``: a Hugging Face entry's files are copied as they are (byte-identical, so
   ``transformers`` loads them exactly as it loaded the original), plus a model card when
   the entry has no README; a GGUF entry is dequantized into a float32 folder.
@@ -20,10 +24,18 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from folklm.checkpoint.gguf import read_gguf
+from folklm.checkpoint.gguf_writer import rewrite_gguf, write_gguf
+from folklm.checkpoint.hf import read_config, read_generation_config, read_weights, save_folder
+from folklm.config import ModelConfig
+from folklm.engine.llm import load, parse_dtype
 from folklm.errors import FolkError
+from folklm.export.quantized import default_gguf_type, gguf_tensors
 from folklm.hub import api
+from folklm.hub.card import model_card
 from folklm.hub.catalogue import Entry, LineageNode
 from folklm.hub.names import parse_ref
+from folklm.tokenizer import Tokenizer
 
 FORMATS = ("hf", "gguf")
 
@@ -101,8 +113,6 @@ def _export_hf(entry: Entry, src: Path, out: Path, dtype: str, force: bool) -> P
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src / f["path"], target)  # follows the symlink to the blob
         if not (staging / "README.md").exists():
-            from folklm.hub.card import model_card
-
             (staging / "README.md").write_text(model_card(entry.name), encoding="utf-8")
         for p in staging.rglob("*"):
             if p.is_file():
@@ -117,12 +127,6 @@ def _export_hf(entry: Entry, src: Path, out: Path, dtype: str, force: bool) -> P
 
 
 def _gguf_to_folder(src: Path, folder: Path, dtype: str) -> None:
-    from folklm.checkpoint.gguf import read_gguf
-    from folklm.checkpoint.hf import save_folder
-    from folklm.config import ModelConfig
-    from folklm.engine.llm import parse_dtype
-    from folklm.tokenizer import Tokenizer
-
     torch_dtype = parse_dtype("float32" if dtype == "auto" else dtype)
     ckpt = read_gguf(src, dtype=torch_dtype)
     config = ModelConfig.from_dict(ckpt.config)
@@ -147,15 +151,8 @@ def _export_gguf(
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = gguf_metadata(entry, tree)
     if entry.format == "gguf" and dtype == "auto":
-        from folklm.checkpoint.gguf_writer import rewrite_gguf
-
         return rewrite_gguf(src, out, meta)
-    from folklm.checkpoint.gguf_writer import write_gguf
-    from folklm.tokenizer import Tokenizer
-
     if entry.format == "gguf":  # re-encode: dequantize, then write the requested float type
-        from folklm.checkpoint.gguf import read_gguf
-
         ckpt = read_gguf(src)
         tokenizer = Tokenizer(ckpt.tokenizer, ckpt.tokenizer_config, source=str(src))
         return write_gguf(
@@ -169,14 +166,9 @@ def _export_gguf(
         )
     if entry.format != "hf":
         raise FolkError(f"{entry.name} is a PEFT adapter; only full models export to GGUF")
-    from folklm.checkpoint.hf import read_config, read_generation_config, read_weights
-
     config = read_config(src)
     scheme = config.extra.get("quantization_config")
     if isinstance(scheme, dict):  # a folklm-quantized entry: Q8_0 / Q4_0 blocks
-        from folklm.engine.llm import load
-        from folklm.quant.export import default_gguf_type, gguf_tensors
-
         if dtype == "auto":
             dtype = default_gguf_type(str(scheme.get("scheme")))
         model = load(src, dtype="float32", fast=False).model

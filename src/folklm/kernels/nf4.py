@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from folklm.quant.base import QuantizedLinear, compute_dtype
-from folklm.quant.int4 import pack_nibbles, unpack_nibbles
+from folklm.kernels.base import QuantizedLinear, compute_dtype
+from folklm.kernels.int4 import pack_nibbles, unpack_nibbles
 
 # bitsandbytes' NF4 table (float32), ascending; index = stored code.
 NF4_LEVELS = (

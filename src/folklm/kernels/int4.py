@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from folklm.errors import FolkError
-from folklm.quant.base import KERNEL_DTYPES, QuantizedLinear, compute_dtype, scale_dtype
+from folklm.kernels.base import KERNEL_DTYPES, QuantizedLinear, compute_dtype, scale_dtype
 
 GROUP_SIZES = (32, 64, 128, 256)  # those the kernel accepts
 QMAX = 15

@@ -12,8 +12,8 @@ from gguf import GGMLQuantizationType
 from torch import nn
 
 from folklm.checkpoint.gguf_encode import Encoded, int8_as_q8_0
-from folklm.quant.base import QuantizedLinear
-from folklm.quant.int8 import Int8Linear
+from folklm.kernels.base import QuantizedLinear
+from folklm.kernels.int8 import Int8Linear
 
 
 def default_gguf_type(scheme: str) -> str:

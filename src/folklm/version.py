@@ -1,0 +1,3 @@
+"""folklm's version, importable from every layer (lineage records it)."""
+
+__version__ = "0.1.0"
