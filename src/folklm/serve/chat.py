@@ -78,6 +78,8 @@ def make_requests(served: ServedModel, prompt: list[int], body: Any, max_tokens:
             temperature=body.temperature,
             top_p=body.top_p,
             top_k=body.top_k,
+            min_p=body.min_p,
+            repetition_penalty=body.repetition_penalty,
             presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty,
             seed=None if body.seed is None else body.seed + i,
