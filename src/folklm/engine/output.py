@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,12 +20,15 @@ from folklm.engine.sampler import Sampler, top_logprobs
 from folklm.engine.text import TextStream
 from folklm.tokenizer import Tokenizer
 
+if TYPE_CHECKING:  # the scheduler imports this module
+    from folklm.engine.scheduler import Request
+
 
 @dataclass
 class Sequence:
     """A running request: its slot, adapter, sampler, text stream and generated tokens."""
 
-    req: Any  # engine.scheduler.Request
+    req: Request
     slot: int
     adapter: int  # MultiLoRA index (0 = base)
     sampler: Sampler
@@ -61,7 +64,7 @@ class OutputProcessor:
         self.observers = observers
         self._rng = torch.Generator().manual_seed(int(time.time_ns() % (1 << 62)))
 
-    def new_sequence(self, req: Any, slot: int, adapter: int) -> Sequence:
+    def new_sequence(self, req: Request, slot: int, adapter: int) -> Sequence:
         params = req.sampling()
         generator = None
         if not params.greedy:

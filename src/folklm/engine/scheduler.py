@@ -232,10 +232,8 @@ class Engine:
         self.eos = set(llm.eos_token_ids)
         ctx = llm.config.max_position_embeddings
         self.max_len = min(ctx, max_len or ctx)
-        self.max_queue = max_queue
         self.cache = SlotCache(llm.config, max_batch, self.max_len, llm.dtype, kv_budget_bytes)
         self.keep_prefixes = keep_prefixes
-        self.max_prefill_tokens = max_prefill_tokens
         self.vocab = llm.config.vocab_size
         self.jobs: deque[tuple[Callable[[], Any], Callable[[Any, BaseException | None], None]]]
         self.jobs = deque()
@@ -311,6 +309,15 @@ class Engine:
     @lora.setter
     def lora(self, lora: Any) -> None:
         self.runner.lora = self.scheduler.lora = lora
+
+    @property
+    def max_queue(self) -> int:
+        """Most requests waiting before ``QueueFull`` (settable)."""
+        return self.scheduler.max_queue
+
+    @max_queue.setter
+    def max_queue(self, n: int) -> None:
+        self.scheduler.max_queue = n
 
     @property
     def waiting(self) -> deque[Request]:

@@ -182,12 +182,15 @@ class Scorer:
         until: Sequence[str],
         max_gen_tokens: int = 256,
         progress: Callable[[int], None] | None = None,
+        **sampling: Any,
     ) -> list[str]:
-        """Greedy continuation of each context, cut at the first stop string."""
+        """Continuation of each context (greedy unless ``sampling`` holds other
+        ``SamplingParams`` fields), cut at the first stop string."""
         from folklm.engine.generate import generate
         from folklm.ops.sampling import SamplingParams
 
-        params = SamplingParams(max_new_tokens=max_gen_tokens, temperature=0.0, stop=list(until))
+        sampling = {"temperature": 0.0, **sampling}
+        params = SamplingParams(max_new_tokens=max_gen_tokens, stop=list(until), **sampling)
         room = max(self.max_length - max_gen_tokens, 1)
         encoded = [self.encode(c)[-room:] for c in contexts]
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
