@@ -33,7 +33,10 @@ from folklm.engine.output import OutputProcessor, Sequence, prompt_logprobs
 from folklm.engine.runner import ModelRunner
 from folklm.engine.slots import SlotCache
 from folklm.errors import FolkError
-from folklm.ops.sampling import SamplingParams
+from folklm.ops.sampling import DISTRIBUTION_OPTIONS, SamplingParams
+
+# fields of a ``Request`` that are the ``SamplingParams`` field of the same name
+SAMPLING_OPTIONS = (*DISTRIBUTION_OPTIONS, "ignore_eos", "logprobs")
 
 
 class QueueFull(FolkError):
@@ -67,19 +70,9 @@ class Request:
 
     def sampling(self) -> SamplingParams:
         """The request's options as ``SamplingParams`` (validated)."""
+        options = {name: getattr(self, name) for name in SAMPLING_OPTIONS}
         return SamplingParams(
-            max_new_tokens=self.max_tokens,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            min_p=self.min_p,
-            repetition_penalty=self.repetition_penalty,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-            seed=self.seed,
-            stop=list(self.stop),
-            ignore_eos=self.ignore_eos,
-            logprobs=self.logprobs,
+            max_new_tokens=self.max_tokens, stop=list(self.stop), seed=self.seed, **options
         ).validate()
 
 

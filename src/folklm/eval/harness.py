@@ -19,6 +19,7 @@ import sys
 from typing import Any
 
 from folklm.errors import FolkError
+from folklm.ops.sampling import DISTRIBUTION_OPTIONS
 
 try:
     import lm_eval.models  # noqa: F401  (the built-in models first: lm-eval registers them
@@ -85,16 +86,7 @@ class FolkLM(LM):
         return out  # type: ignore[return-value]
 
 
-SAMPLING_KEYS = (
-    "temperature",
-    "top_k",
-    "top_p",
-    "min_p",
-    "repetition_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-    "seed",
-)
+SAMPLING_KEYS = (*DISTRIBUTION_OPTIONS, "seed")
 
 
 def sampling_options(gen_kwargs: dict[str, Any]) -> dict[str, Any]:

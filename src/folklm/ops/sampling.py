@@ -18,6 +18,18 @@ import torch
 
 from folklm.errors import FolkError
 
+# the options that shape the next-token distribution, by their ``SamplingParams`` names
+# (front doors copy them by name from their own request objects)
+DISTRIBUTION_OPTIONS = (
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+)
+
 
 @dataclass
 class SamplingParams:
