@@ -19,7 +19,7 @@ import pytest
 from tokenizers import Tokenizer as RustTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
-from folklm.engine.generate import IncrementalDetokenizer, StopMatcher
+from folklm.engine.text import IncrementalDetokenizer, StopMatcher
 from folklm.tokenizer import Tokenizer
 
 SHAKESPEARE = Path(__file__).resolve().parents[3] / "shared/data/tinyshakespeare/input.txt"

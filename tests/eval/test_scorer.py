@@ -98,3 +98,24 @@ def test_agrees_with_lm_eval_hf_backend(default_llm, task):
     for (a, ga), (b, gb) in zip(ours, theirs, strict=True):
         assert abs(a - b) < 1e-3
         assert ga == gb
+
+
+def test_generation_takes_the_tasks_sampling_options(tiny_models):
+    """lm-eval ``gen_kwargs`` reach the shared sampler: greedy unless ``do_sample``."""
+    from folklm.engine.generate import generate
+    from folklm.eval.harness import sampling_options
+    from folklm.ops.sampling import SamplingParams
+
+    assert sampling_options({"until": ["\n"], "temperature": 0.7}) == {"temperature": 0.0}
+    kw = {"do_sample": True, "temperature": 1.4, "top_p": 0.9, "seed": 5, "max_gen_toks": 9}
+    opts = sampling_options(kw)
+    assert opts == {"temperature": 1.4, "top_p": 0.9, "seed": 5}
+    _, folder = tiny_models("llama")
+    llm = folklm.load(folder)
+    scorer = Scorer(llm)
+    text = scorer.generate(["t5 t9 t40"], ["t7"], 12, **opts)[0]
+    params = SamplingParams(max_new_tokens=12, stop=["t7"], **opts)
+    ids = scorer.encode("t5 t9 t40")
+    want = generate(llm.model, llm.tokenizer, [ids], params, llm.eos_token_ids)[0].text
+    greedy = scorer.generate(["t5 t9 t40"], ["t7"], 12)[0]
+    assert text == want and text != greedy

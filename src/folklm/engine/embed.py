@@ -10,17 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from folklm.ops.attention import build_mask
-
 
 @torch.inference_mode()
 def embed(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
     """(hidden_size,) float32 unit vector for one token sequence."""
-    x = model.model.embed_tokens(torch.tensor([ids], dtype=torch.long))  # (1, T, C)
-    T = len(ids)
-    cos, sin = model.model.rotary_emb(torch.arange(T)[None], x.dtype)
-    masks = {w: build_mask(0, T, T, None, w) for w in model.windows}
-    for layer in model.model.layers:
-        x = layer(x, cos, sin, None, masks, True)
-    h = model.model.norm(x)[0].float().mean(dim=0)  # (C,)
+    h = model.hidden_states(torch.tensor([ids], dtype=torch.long))[0].float().mean(dim=0)  # (C,)
     return h / h.norm().clamp_min(1e-12)

@@ -54,6 +54,7 @@ class GenerationOutput:
     completion_tokens: int
     finish_reason: str | None
     timings: Timings = field(repr=False, default_factory=Timings)
+    logprobs: list[dict] | None = None  # with ``logprobs=k``: per token, logprob and top k
 
 
 class LLM:
@@ -118,7 +119,8 @@ class LLM:
         """Generate for one prompt (returns one output) or a list of prompts (a batch).
 
         Keyword arguments are ``SamplingParams`` fields (``max_new_tokens``,
-        ``temperature``, ``top_p``, ``stop``, ``seed``, ...).
+        ``temperature``, ``top_p``, ``min_p``, ``repetition_penalty``, ``presence_penalty``,
+        ``frequency_penalty``, ``stop``, ``seed``, ``logprobs``, ...).
         """
         params = params or SamplingParams(**kwargs)
         single = isinstance(prompts, str) or (
@@ -163,6 +165,7 @@ class LLM:
             completion_tokens=len(r.token_ids),
             finish_reason=r.finish_reason,
             timings=timings,
+            logprobs=r.logprobs,
         )
 
 

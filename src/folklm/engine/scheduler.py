@@ -8,6 +8,11 @@ stop string, length) or whose client went away leaves the batch and frees its sl
 the next step; a new one takes the place. Each request keeps its own sampling settings,
 random generator, adapter and output constraint, so mixed requests share a step.
 
+Three parts, as in vLLM v1: the ``Scheduler`` (queue, admission, slots, adapter slots,
+prefill budget) decides what runs; the ``ModelRunner`` (``engine.runner``) builds the
+tensors and calls the model over the slot cache; the ``OutputProcessor``
+(``engine.output``) samples, detokenizes and sends events. ``Engine`` owns the thread.
+
 The queue in front is bounded: ``submit`` raises ``QueueFull`` when it is full (the
 server answers 429 with ``Retry-After``).
 """
@@ -18,16 +23,20 @@ import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from folklm.engine.batch_ops import build_decode_masks, pick_token, prompt_logprobs
-from folklm.engine.generate import IncrementalDetokenizer, StopMatcher
+from folklm.engine.output import OutputProcessor, Sequence, prompt_logprobs
+from folklm.engine.runner import ModelRunner
 from folklm.engine.slots import SlotCache
 from folklm.errors import FolkError
+from folklm.ops.sampling import DISTRIBUTION_OPTIONS, SamplingParams
+
+# fields of a ``Request`` that are the ``SamplingParams`` field of the same name
+SAMPLING_OPTIONS = (*DISTRIBUTION_OPTIONS, "ignore_eos", "logprobs")
 
 
 class QueueFull(FolkError):
@@ -44,6 +53,8 @@ class Request:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
@@ -57,19 +68,130 @@ class Request:
     cancelled: bool = False
     arrival: float = field(default_factory=time.perf_counter)
 
+    def sampling(self) -> SamplingParams:
+        """The request's options as ``SamplingParams`` (validated)."""
+        options = {name: getattr(self, name) for name in SAMPLING_OPTIONS}
+        return SamplingParams(
+            max_new_tokens=self.max_tokens, stop=list(self.stop), seed=self.seed, **options
+        ).validate()
+
 
 @dataclass
-class _Seq:
+class Admission:
+    """A request the scheduler admitted: its slot, cached prefix length and adapter index."""
+
     req: Request
     slot: int
-    generator: torch.Generator | None
-    detok: IncrementalDetokenizer
-    stops: StopMatcher
-    counts: torch.Tensor | None  # (V,) generated-token counts, for the OpenAI penalties
-    state: Any = None  # constraint state
-    generated: list[int] = field(default_factory=list)
-    next_token: int = -1
-    first_token_at: float = 0.0
+    n_cached: int
+    adapter: int
+
+
+class Scheduler:
+    """The waiting queue, admission into KV slots and adapter slots, the running batch.
+
+    Args:
+        cache: the slot cache.
+        lora: an optional ``MultiLoRA``.
+        max_queue: most requests waiting before ``QueueFull``.
+        max_prefill_tokens: most prompt tokens prefilled between two decode steps.
+        stats: the engine's counters (updated in place).
+        lock: guards ``waiting`` (``add`` runs on the callers' threads).
+    """
+
+    def __init__(
+        self,
+        cache: SlotCache,
+        lora: Any,
+        max_queue: int,
+        max_prefill_tokens: int,
+        stats: dict[str, float],
+        lock: threading.Condition,
+    ):
+        self.cache = cache
+        self.lora = lora
+        self.max_queue = max_queue
+        self.max_prefill_tokens = max_prefill_tokens
+        self.stats = stats
+        self._lock = lock
+        self.waiting: deque[Request] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, req: Request) -> None:
+        """Queue a request (the caller holds the lock)."""
+        if len(self.waiting) >= self.max_queue:
+            raise QueueFull(f"the request queue is full ({self.max_queue} waiting)")
+        self.waiting.append(req)
+        self.stats["requests_total"] += 1
+
+    def drop_cancelled(self) -> None:
+        with self._lock:
+            gone = [r for r in self.waiting if r.cancelled]
+            for r in gone:
+                self.waiting.remove(r)
+        self.stats["requests_cancelled_total"] += len(gone)
+        for seq in [s for s in self.running if s.req.cancelled]:
+            self.stats["requests_cancelled_total"] += 1
+            self.release(seq)
+
+    def admissions(self) -> Iterator[Admission]:
+        """Admit waiting requests in order while slots, memory and the prefill budget allow.
+
+        A generator: the engine prefills each admission before the next is decided, so a
+        request can reuse the prefix that the one before it has just written.
+        """
+        budget = self.max_prefill_tokens
+        while budget > 0:
+            with self._lock:
+                if not self.waiting:
+                    return
+                req = self.waiting[0]
+            adapter = 0
+            if req.adapter is not None:
+                try:
+                    adapter = self.lora.acquire(req.adapter)
+                except FolkError as exc:
+                    self._reject(req, str(exc))
+                    continue
+                if adapter is None:
+                    return  # every adapter slot is busy: wait for a sequence to finish
+            need = len(req.prompt) + req.max_tokens
+            reuse = not req.echo_logprobs
+            got = self.cache.acquire(req.prompt, need, req.adapter, reuse)
+            if got is None and not self.running:
+                self.cache.shrink(0)  # idle buffers shaped for an earlier burst: start afresh
+                got = self.cache.acquire(req.prompt, need, req.adapter, reuse)
+            if got is None:
+                if req.adapter is not None:
+                    self.lora.release(req.adapter)
+                if not self.running:  # cannot fit even alone (check_length prevents this)
+                    self._reject(req, "no memory")
+                    continue
+                return  # no slot or memory yet: a running sequence will free one
+            with self._lock:
+                self.waiting.popleft()
+            slot, n_cached = got
+            budget -= len(req.prompt) - n_cached
+            self.stats["prompt_tokens_total"] += len(req.prompt)
+            self.stats["prefix_cached_tokens_total"] += n_cached
+            yield Admission(req, slot, n_cached, adapter)
+
+    def _reject(self, req: Request, error: str) -> None:
+        with self._lock:
+            self.waiting.popleft()
+        req.sink({"type": "finish", "finish_reason": "error", "error": error})
+
+    def abort(self, adm: Admission) -> None:
+        """Free what an admission holds when its prefill failed before it started running."""
+        self.cache.release(adm.slot, keep=False)
+        if adm.req.adapter is not None:
+            self.lora.release(adm.req.adapter)
+
+    def release(self, seq: Sequence) -> None:
+        """Take a sequence out of the batch; its slot keeps the tokens as a prefix."""
+        self.running.remove(seq)
+        self.cache.release(seq.slot)
+        if seq.req.adapter is not None and self.lora is not None:
+            self.lora.release(seq.req.adapter)
 
 
 class Engine:
@@ -83,6 +205,7 @@ class Engine:
         kv_budget_bytes: memory budget of the KV cache.
         lora: an optional ``MultiLoRA`` (per-row adapters); ``None`` serves the base only.
         keep_prefixes: cached prefixes kept when the server goes idle.
+        max_prefill_tokens: most prompt tokens prefilled between two decode steps.
     """
 
     def __init__(
@@ -102,19 +225,13 @@ class Engine:
         self.eos = set(llm.eos_token_ids)
         ctx = llm.config.max_position_embeddings
         self.max_len = min(ctx, max_len or ctx)
-        self.max_queue = max_queue
         self.cache = SlotCache(llm.config, max_batch, self.max_len, llm.dtype, kv_budget_bytes)
-        self.lora = lora
         self.keep_prefixes = keep_prefixes
-        self.max_prefill_tokens = max_prefill_tokens
         self.vocab = llm.config.vocab_size
-        self.waiting: deque[Request] = deque()
-        self.running: list[_Seq] = []
         self.jobs: deque[tuple[Callable[[], Any], Callable[[Any, BaseException | None], None]]]
         self.jobs = deque()
         self._cv = threading.Condition()
         self._stop = False
-        self._rng = torch.Generator().manual_seed(int(time.time_ns() % (1 << 62)))
         self.stats: dict[str, float] = {
             "requests_total": 0,
             "requests_finished_total": 0,
@@ -125,6 +242,14 @@ class Engine:
             "decode_steps_total": 0,
         }
         self.observers: list[Callable[[str, float], None]] = []  # (histogram name, value)
+        self.scheduler = Scheduler(
+            self.cache, lora, max_queue, max_prefill_tokens, self.stats, self._cv
+        )
+        self.runner = ModelRunner(self.model, lora)
+        self.output = OutputProcessor(
+            self.tokenizer, self.eos, self.vocab, self.stats, self.observers
+        )
+        self.lora = lora
         self._thread = threading.Thread(target=self._loop, name="folk-engine", daemon=True)
         self._thread.start()
 
@@ -145,11 +270,9 @@ class Engine:
 
     def submit(self, req: Request) -> Request:
         self.check_length(len(req.prompt), req.max_tokens)
+        req.sampling()  # raises FolkError on a bad option
         with self._cv:
-            if len(self.waiting) >= self.max_queue:
-                raise QueueFull(f"the request queue is full ({self.max_queue} waiting)")
-            self.waiting.append(req)
-            self.stats["requests_total"] += 1
+            self.scheduler.add(req)
             self._cv.notify()
         return req
 
@@ -170,6 +293,32 @@ class Engine:
             self._stop = True
             self._cv.notify()
         self._thread.join(timeout=30)
+
+    @property
+    def lora(self) -> Any:
+        """The ``MultiLoRA`` of per-row adapters (settable while idle), or None."""
+        return self.runner.lora
+
+    @lora.setter
+    def lora(self, lora: Any) -> None:
+        self.runner.lora = self.scheduler.lora = lora
+
+    @property
+    def max_queue(self) -> int:
+        """Most requests waiting before ``QueueFull`` (settable)."""
+        return self.scheduler.max_queue
+
+    @max_queue.setter
+    def max_queue(self, n: int) -> None:
+        self.scheduler.max_queue = n
+
+    @property
+    def waiting(self) -> deque[Request]:
+        return self.scheduler.waiting
+
+    @property
+    def running(self) -> list[Sequence]:
+        return self.scheduler.running
 
     @property
     def queue_depth(self) -> int:
@@ -198,8 +347,9 @@ class Engine:
                 done(result, error)
             try:
                 with torch.inference_mode():
-                    self._drop_cancelled()
-                    self._admit()
+                    self.scheduler.drop_cancelled()
+                    for adm in self.scheduler.admissions():
+                        self._prefill(adm)
                     if self.running:
                         self._decode_step()
             except Exception as exc:  # noqa: BLE001 - fail the batch, keep the server up
@@ -208,211 +358,51 @@ class Engine:
         for seq in list(self.running):
             self._finish(seq, "error", error="server shutting down")
 
-    def _drop_cancelled(self) -> None:
-        with self._cv:
-            gone = [r for r in self.waiting if r.cancelled]
-            for r in gone:
-                self.waiting.remove(r)
-        self.stats["requests_cancelled_total"] += len(gone)
-        for seq in [s for s in self.running if s.req.cancelled]:
-            self.stats["requests_cancelled_total"] += 1
-            self._release(seq)
-
-    def _admit(self) -> None:
-        budget = self.max_prefill_tokens
-        while budget > 0:
-            with self._cv:
-                if not self.waiting:
-                    return
-                req = self.waiting[0]
-            adapter_index = 0
-            if req.adapter is not None:
-                try:
-                    adapter_index = self.lora.acquire(req.adapter)
-                except FolkError as exc:
-                    with self._cv:
-                        self.waiting.popleft()
-                    req.sink({"type": "finish", "finish_reason": "error", "error": str(exc)})
-                    continue
-                if adapter_index is None:
-                    return  # every adapter slot is busy: wait for a sequence to finish
-            need = len(req.prompt) + req.max_tokens
-            reuse = not req.echo_logprobs
-            got = self.cache.acquire(req.prompt, need, req.adapter, reuse)
-            if got is None and not self.running:
-                self.cache.shrink(0)  # idle buffers shaped for an earlier burst: start afresh
-                got = self.cache.acquire(req.prompt, need, req.adapter, reuse)
-            if got is None:
-                if req.adapter is not None:
-                    self.lora.release(req.adapter)
-                if not self.running:  # cannot fit even alone (check_length prevents this)
-                    with self._cv:
-                        self.waiting.popleft()
-                    req.sink({"type": "finish", "finish_reason": "error", "error": "no memory"})
-                    continue
-                return  # no slot or memory yet: a running sequence will free one
-            with self._cv:
-                self.waiting.popleft()
-            slot, n_cached = got
-            budget -= len(req.prompt) - n_cached
-            try:
-                self._prefill(req, slot, n_cached, adapter_index)
-            except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
-                seqs = [s for s in self.running if s.req is req]
-                if seqs:
-                    self._finish(seqs[0], "error", error=f"{type(exc).__name__}: {exc}")
-                else:
-                    self.cache.release(slot, keep=False)
-                    if req.adapter is not None:
-                        self.lora.release(req.adapter)
-                    req.sink({"type": "finish", "finish_reason": "error", "error": str(exc)})
-
-    def _new_seq(self, req: Request, slot: int) -> _Seq:
-        gen = None
-        if req.temperature > 0:
-            seed = (
-                req.seed
-                if req.seed is not None
-                else int(torch.randint(1 << 62, (1,), generator=self._rng))
-            )
-            gen = torch.Generator().manual_seed(seed)
-        counts = None
-        if req.presence_penalty or req.frequency_penalty:
-            counts = torch.zeros(self.vocab)
-        seq = _Seq(
-            req, slot, gen, IncrementalDetokenizer(self.tokenizer), StopMatcher(req.stop), counts
-        )
-        if req.constraint is not None:
-            seq.state = req.constraint.start()
-        return seq
-
-    def _prefill(self, req: Request, slot: int, n_cached: int, adapter_index: int) -> None:
-        seq = self._new_seq(req, slot)
-        n = len(req.prompt)
-        self.stats["prompt_tokens_total"] += n
-        self.stats["prefix_cached_tokens_total"] += n_cached
-        if self.lora is not None:
-            self.lora.set_rows([adapter_index])
-        ids = torch.tensor([req.prompt[n_cached:]], dtype=torch.long)  # (1, T)
-        pos = torch.arange(n_cached, n)[None]  # (1, T)
-        view = self.cache.view(slot)
+    def _prefill(self, adm: Admission) -> None:
+        req = adm.req
+        seq = None
         try:
-            logits = self.model(ids, cache=view, position_ids=pos, last_only=not req.echo_logprobs)
-        finally:
-            if self.lora is not None:
-                self.lora.set_rows([])  # other callers of the model see the base
-        self.cache.lengths[slot] = n
-        self.cache.tokens[slot] = list(req.prompt)
-        if req.echo_logprobs:
-            req.sink({"type": "prompt_logprobs", "data": prompt_logprobs(logits[0], req)})
-        self.running.append(seq)
-        if req.max_tokens == 0:  # prompt logprobs only (completions with echo)
-            return self._finish(seq, "length")
-        self._emit_next(seq, logits[0, -1])
+            seq = self.output.new_sequence(req, adm.slot, adm.adapter)
+            logits = self.runner.prefill(
+                req.prompt[adm.n_cached :],
+                self.cache.view(adm.slot),
+                adm.adapter,
+                all_logits=req.echo_logprobs,
+            )
+            self.cache.tokens[adm.slot] = list(req.prompt)
+            if req.echo_logprobs:
+                data = prompt_logprobs(logits[0], req.prompt, req.logprobs or 0)
+                req.sink({"type": "prompt_logprobs", "data": data})
+                logits = logits[:, -1]
+            self.running.append(seq)
+            if req.max_tokens == 0:  # prompt logprobs only (completions with echo)
+                return self._finish(seq, "length")
+            reason = self.output.emit(seq, logits)
+        except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
+            if seq is not None and seq in self.running:
+                return self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
+            self.scheduler.abort(adm)
+            req.sink({"type": "finish", "finish_reason": "error", "error": str(exc)})
+            return
+        if reason is not None:
+            self._finish(seq, reason)
 
     def _decode_step(self) -> None:
-        seqs = self.running
-        slots = [s.slot for s in seqs]
-        hi = max(slots) + 1
-        top = max(self.cache.lengths[s] for s in slots)
-        tokens = torch.zeros(hi, dtype=torch.long)
-        positions = torch.full((hi,), top, dtype=torch.long)
-        for s in seqs:
-            tokens[s.slot] = s.next_token
-            positions[s.slot] = self.cache.lengths[s.slot]
-        for r in set(range(hi)) - set(slots):  # a hole's garbage write must not hit a prefix
-            if self.cache.lengths[r] > top:
-                self.cache.lengths[r] = top
-                self.cache.tokens[r] = self.cache.tokens[r][:top]
-        if self.lora is not None:
-            rows = [0] * hi
-            for s in seqs:
-                rows[s.slot] = self.lora.index_of(s.req.adapter)
-            self.lora.set_rows(rows)
-        view = self.cache.decode_view(hi, positions)
-        masks = build_decode_masks(positions, view.span, self.model.windows)
-        try:
-            logits = self.model(
-                tokens[:, None],
-                cache=view,
-                position_ids=positions[:, None],
-                masks=masks,
-                last_only=True,
-            )[:, -1]  # (hi, V)
-        finally:
-            if self.lora is not None:
-                self.lora.set_rows([])
+        seqs = list(self.running)
+        rows = [s.slot for s in seqs]
+        view = self.cache.decode_view(rows)
+        adapters = [s.adapter for s in seqs]
+        tokens = [s.next_token for s in seqs]
+        logits = self.runner.decode(rows, tokens, adapters, view, len(view.positions))
         self.stats["decode_steps_total"] += 1
         for o in self.observers:
             o("batch_size", float(len(seqs)))
-        for s in list(seqs):
-            self.cache.lengths[s.slot] += 1
+        for s in seqs:
             self.cache.tokens[s.slot].append(s.next_token)
-            self._emit_next(s, logits[s.slot])
+            reason = self.output.emit(s, logits[s.slot : s.slot + 1])
+            if reason is not None:
+                self._finish(s, reason)
 
-    def _emit_next(self, seq: _Seq, logits: torch.Tensor) -> None:
-        """Pick the next token from ``logits`` (V,), send its text, finish if due."""
-        req = seq.req
-        token, info = pick_token(logits, seq, self.eos)
-        now = time.perf_counter()
-        if not seq.generated:
-            seq.first_token_at = now
-            for o in self.observers:
-                o("time_to_first_token_seconds", now - req.arrival)
-        seq.generated.append(token)
-        self.stats["generation_tokens_total"] += 1
-        if seq.counts is not None:
-            seq.counts[token] += 1
-        if token in self.eos and not req.ignore_eos:
-            more, hit = seq.stops.feed(seq.detok.flush())
-            text = more + ("" if hit else seq.stops.flush())
-            self._send(seq, text, token, info, eos=True)
-            return self._finish(seq, "stop")
-        if req.constraint is not None:
-            seq.state = req.constraint.advance(seq.state, token)
-        text, hit = seq.stops.feed(seq.detok.push(token))
-        finish = None
-        if hit:
-            finish = "stop"
-        elif req.constraint is not None and req.constraint.done(seq.state):
-            finish = "stop"
-        elif len(seq.generated) >= req.max_tokens:
-            finish = "length"
-        if finish is not None and not hit:
-            more, hit = seq.stops.feed(seq.detok.flush())
-            text += more + ("" if hit else seq.stops.flush())
-            finish = "stop" if hit else finish
-        self._send(seq, text, token, info)
-        if finish is not None:
-            return self._finish(seq, finish)
-        seq.next_token = token
-
-    def _send(self, seq: _Seq, text: str, token: int, info: dict | None, eos: bool = False):
-        seq.req.sink({"type": "token", "text": text, "token": token, "logprobs": info, "eos": eos})
-
-    def _release(self, seq: _Seq) -> None:
-        self.running.remove(seq)
-        self.cache.release(seq.slot)
-        if seq.req.adapter is not None and self.lora is not None:
-            self.lora.release(seq.req.adapter)
-
-    def _finish(self, seq: _Seq, reason: str, error: str | None = None) -> None:
-        self._release(seq)
-        self.stats["requests_finished_total"] += 1
-        now = time.perf_counter()
-        for o in self.observers:
-            o("request_latency_seconds", now - seq.req.arrival)
-            if len(seq.generated) > 1:
-                o(
-                    "inter_token_latency_seconds",
-                    (now - seq.first_token_at) / (len(seq.generated) - 1),
-                )
-        seq.req.sink(
-            {
-                "type": "finish",
-                "finish_reason": reason,
-                "prompt_tokens": len(seq.req.prompt),
-                "completion_tokens": len(seq.generated),
-                "error": error,
-            }
-        )
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        self.scheduler.release(seq)
+        self.output.finish(seq, reason, error)

@@ -17,20 +17,28 @@ caching (Kwon et al., SOSP 2023) at slot granularity.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Sequence
 
 import torch
 
+from folklm.cache import Feed, Window
 from folklm.config import ModelConfig
+from folklm.ops.attention import build_mask, build_row_masks
 
 
-class _SlotView:
-    """A ``KVCache``-like view of one slot (batch of 1) for prefill through ``forward``."""
+class SlotPrefill:
+    """The ``Cache`` of one slot (a batch of 1) continuing its cached prefix."""
 
     def __init__(self, cache: SlotCache, slot: int):
+        self.cache, self.slot = cache, slot
         self.k = [k[slot : slot + 1] for k in cache.k]
         self.v = [v[slot : slot + 1] for v in cache.v]
         self.length = cache.lengths[slot]
-        self.pad_mask = None
+
+    def feed(self, T: int, windows: Sequence[Window]) -> Feed:
+        start = self.length
+        positions = torch.arange(start, start + T)[None, :]  # (1, T)
+        return Feed(positions, {w: build_mask(start, T, start + T, None, w) for w in windows})
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         start, end = self.length, self.length + k.shape[2]
@@ -40,28 +48,44 @@ class _SlotView:
 
     def advance(self, n: int) -> None:
         self.length += n
+        self.cache.lengths[self.slot] = self.length
 
 
-class _DecodeView:
-    """Rows ``0..hi-1`` decoding one token each, every row at its own position."""
+class SlotDecode:
+    """The ``Cache`` of a decode step: rows ``0..hi-1`` take one token each, every row at
+    its own length; ``rows`` are the running ones (the others are holes whose writes land
+    at a harmless slot)."""
 
-    def __init__(self, cache: SlotCache, hi: int, positions: torch.Tensor, span: int):
+    def __init__(self, cache: SlotCache, rows: list[int]):
+        self.cache, self.rows = cache, rows
+        hi = max(rows) + 1
+        top = max(cache.lengths[r] for r in rows)
+        for r in set(range(hi)) - set(rows):  # a hole's garbage write must not hit a prefix
+            if cache.lengths[r] > top:
+                cache.lengths[r] = top
+                cache.tokens[r] = cache.tokens[r][:top]
+        positions = torch.full((hi,), top, dtype=torch.long)
+        positions[rows] = torch.tensor([cache.lengths[r] for r in rows], dtype=torch.long)
+        self.positions = positions  # (hi,) slot written by each row
+        self.span = top + 1  # keys attended over
         self.k = [k[:hi] for k in cache.k]
         self.v = [v[:hi] for v in cache.v]
-        self.rows = torch.arange(hi)
-        self.positions = positions  # (hi,) slot index written by each row
-        self.span = span  # keys attended over: max position + 1
-        self.length = span - 1  # never 0: the model must not assume a fresh causal prefill
-        self.pad_mask = None
+        self._index = torch.arange(hi)
+
+    def feed(self, T: int, windows: Sequence[Window]) -> Feed:
+        if T != 1:
+            raise ValueError(f"a decode step feeds one token per row, got {T}")
+        return Feed(self.positions[:, None], build_row_masks(self.positions, self.span, windows))
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         # k, v: (hi, n_kv, 1, D) -> written at (row, :, positions[row])
-        self.k[layer][self.rows, :, self.positions] = k[:, :, 0]
-        self.v[layer][self.rows, :, self.positions] = v[:, :, 0]
+        self.k[layer][self._index, :, self.positions] = k[:, :, 0]
+        self.v[layer][self._index, :, self.positions] = v[:, :, 0]
         return self.k[layer][:, :, : self.span], self.v[layer][:, :, : self.span]
 
     def advance(self, n: int) -> None:
-        pass  # lengths are the scheduler's business
+        for r in self.rows:
+            self.cache.lengths[r] += n
 
 
 class SlotCache:
@@ -218,11 +242,13 @@ class SlotCache:
             self.lengths[slot] = 0
             self.tokens[slot] = []
 
-    def view(self, slot: int) -> _SlotView:
-        return _SlotView(self, slot)
+    def view(self, slot: int) -> SlotPrefill:
+        """The cache for prefilling ``slot`` after its ``lengths[slot]`` cached tokens."""
+        return SlotPrefill(self, slot)
 
-    def decode_view(self, hi: int, positions: torch.Tensor) -> _DecodeView:
-        return _DecodeView(self, hi, positions, int(positions.max()) + 1)
+    def decode_view(self, rows: list[int]) -> SlotDecode:
+        """The cache for one decode step of the running ``rows``."""
+        return SlotDecode(self, rows)
 
     @property
     def running(self) -> int:

@@ -19,6 +19,7 @@ import sys
 from typing import Any
 
 from folklm.errors import FolkError
+from folklm.ops.sampling import DISTRIBUTION_OPTIONS
 
 try:
     import lm_eval.models  # noqa: F401  (the built-in models first: lm-eval registers them
@@ -74,13 +75,27 @@ class FolkLM(LM):
             kw = dict(req.args[1])
             until = kw.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
-            key = (tuple(until), int(kw.get("max_gen_toks", 256)))
+            opts = sampling_options(kw)
+            key = (tuple(until), int(kw.get("max_gen_toks", 256)), tuple(sorted(opts.items())))
             by_kwargs.setdefault(key, []).append(i)
-        for (until, max_toks), idx in by_kwargs.items():
-            texts = self.scorer.generate([requests[i].args[0] for i in idx], until, max_toks)
+        for (until, max_toks, opts), idx in by_kwargs.items():
+            contexts = [requests[i].args[0] for i in idx]
+            texts = self.scorer.generate(contexts, until, max_toks, **dict(opts))
             for i, t in zip(idx, texts, strict=True):
                 out[i] = t
         return out  # type: ignore[return-value]
+
+
+SAMPLING_KEYS = (*DISTRIBUTION_OPTIONS, "seed")
+
+
+def sampling_options(gen_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The ``SamplingParams`` fields among a task's ``gen_kwargs`` (greedy unless
+    ``do_sample``, as in the harness's HF backend)."""
+    opts = {k: gen_kwargs[k] for k in SAMPLING_KEYS if gen_kwargs.get(k) is not None}
+    if not gen_kwargs.get("do_sample", False):
+        opts["temperature"] = 0.0
+    return opts
 
 
 def main(argv: list[str] | None = None) -> None:

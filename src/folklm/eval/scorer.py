@@ -144,18 +144,13 @@ class Scorer:
         G, L = len(ctxs), max(len(c) for c in ctxs)
         pad_id = self.prefix_token
         ids = torch.full((G, L), pad_id, dtype=torch.long)
-        keep = torch.zeros(G, L, dtype=torch.bool)
         pads = []
         for g, c in enumerate(ctxs):
             ids[g, L - len(c) :] = torch.tensor(c)
-            keep[g, L - len(c) :] = True
             pads.append(L - len(c))
-        pad_t = torch.tensor(pads)
-        pos = (torch.arange(L)[None, :] - pad_t[:, None]).clamp(min=0)  # (G, L)
         # phase 1: the contexts, once each; logits of the last position predict token 1
-        cache = KVCache(self.model.config, G, L, self.dtype)
-        cache.pad_mask = keep if any(pads) else None
-        first = torch.log_softmax(self.model(ids, cache, pos, last_only=True)[:, -1], dim=-1)
+        cache = KVCache(self.model.config, G, L, self.dtype, pad=torch.tensor(pads))
+        first = torch.log_softmax(self.model(ids, cache, logits="last")[:, -1], dim=-1)
 
         rows = [(g, i) for g, c in enumerate(ctxs) for i in groups[c]]
         T = max(len(pairs[i][1]) for _, i in rows) - 1  # continuation tokens fed in phase 2
@@ -164,20 +159,13 @@ class Scorer:
         later = None
         if T > 0:
             # phase 2: every continuation from a copy of its context's cached prefix
-            big = KVCache(self.model.config, R, L + T, self.dtype)
-            for layer in range(len(cache.k)):
-                big.k[layer][:, :, :L] = cache.k[layer][row_g]
-                big.v[layer][:, :, :L] = cache.v[layer][row_g]
-            big.length = L
-            if any(pads):
-                big.pad_mask = torch.cat([keep[row_g], torch.ones(R, T, dtype=torch.bool)], 1)
+            big = cache.fork(row_g, L + T)
             x = torch.full((R, T), pad_id, dtype=torch.long)
             for r, (_, i) in enumerate(rows):
                 cont = pairs[i][1][:-1]
                 if cont:
                     x[r, : len(cont)] = torch.tensor(cont)
-            p2 = (L - pad_t[row_g])[:, None] + torch.arange(T)[None, :]  # (R, T)
-            later = torch.log_softmax(self.model(x, big, p2), dim=-1)  # (R, T, V)
+            later = torch.log_softmax(self.model(x, big), dim=-1)  # (R, T, V)
         for r, (g, i) in enumerate(rows):
             cont = pairs[i][1]
             target = torch.tensor(cont)
@@ -194,12 +182,15 @@ class Scorer:
         until: Sequence[str],
         max_gen_tokens: int = 256,
         progress: Callable[[int], None] | None = None,
+        **sampling: Any,
     ) -> list[str]:
-        """Greedy continuation of each context, cut at the first stop string."""
+        """Continuation of each context (greedy unless ``sampling`` holds other
+        ``SamplingParams`` fields), cut at the first stop string."""
         from folklm.engine.generate import generate
         from folklm.ops.sampling import SamplingParams
 
-        params = SamplingParams(max_new_tokens=max_gen_tokens, temperature=0.0, stop=list(until))
+        sampling = {"temperature": 0.0, **sampling}
+        params = SamplingParams(max_new_tokens=max_gen_tokens, stop=list(until), **sampling)
         room = max(self.max_length - max_gen_tokens, 1)
         encoded = [self.encode(c)[-room:] for c in contexts]
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
@@ -209,10 +200,7 @@ class Scorer:
             idx = order[start : start + self.batch_size]
             done = generate(self.model, self.tokenizer, [encoded[i] for i in idx], params, eos)
             for i, res in zip(idx, done, strict=True):
-                text = res.text
-                for stop in until:
-                    text = text.split(stop)[0]
-                out[i] = text
+                out[i] = res.text  # cut before the first stop string by the text stream
             if progress:
                 progress(len(idx))
         return out

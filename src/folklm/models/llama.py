@@ -12,13 +12,15 @@ PEFT adapters address the same modules.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from folklm.cache import KVCache
+from folklm.cache import Cache, full_feed
 from folklm.config import ModelConfig
-from folklm.ops.attention import attention, build_mask
+from folklm.ops.attention import attention
 from folklm.ops.rope import RotaryEmbedding, apply_rotary
 
 
@@ -58,7 +60,7 @@ class Attention(nn.Module):
         # keeps the three HF names either way.
         self.qkv_proj: nn.Module | None = None
 
-    def forward(self, x, cos, sin, cache: KVCache | None, mask, causal: bool):
+    def forward(self, x, cos, sin, cache: Cache | None, mask: torch.Tensor | None):
         B, T, _ = x.shape
         H, H_kv, D = self.n_heads, self.n_kv_heads, self.head_dim
         if self.qkv_proj is not None:
@@ -75,7 +77,7 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, H_kv, S, D)
-        y = attention(q, k, v, mask, causal)  # (B, H, T, D)
+        y = attention(q, k, v, mask)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
 
 
@@ -114,9 +116,9 @@ class DecoderLayer(nn.Module):
         self.mlp_name = mlp_name
         setattr(self, mlp_name, mlp if mlp is not None else MLP(config))
 
-    def forward(self, x, cos, sin, cache, masks: dict, causal: bool):
+    def forward(self, x, cos, sin, cache: Cache | None, masks: dict):
         mask = masks[self.sliding_window]
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask, causal)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
         return x + getattr(self, self.mlp_name)(self.post_attention_layernorm(x))
 
 
@@ -148,8 +150,8 @@ class CausalLM(nn.Module):
     """Decoder + LM head. ``forward`` runs with or without a KV cache.
 
     Without a cache, ``input_ids`` is the whole sequence (training, parity tests). With a
-    cache, ``input_ids`` continues the cached sequence: its tokens go to slots
-    ``cache.length ...`` and the cache advances by T afterwards.
+    cache, ``input_ids`` continues the cached sequence; the cache says where its tokens
+    sit (positions, masks: ``folklm.cache.Cache``) and advances by T afterwards.
     """
 
     def __init__(self, config: ModelConfig, make_layer=DecoderLayer):
@@ -168,43 +170,39 @@ class CausalLM(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        cache: KVCache | None = None,
-        position_ids: torch.Tensor | None = None,
-        pad_mask: torch.Tensor | None = None,
-        last_only: bool = False,
-        masks: dict | None = None,
+        cache: Cache | None = None,
+        *,
+        logits: Literal["all", "last"] = "all",
     ) -> torch.Tensor:
-        """Logits (B, T, vocab) in float32, or (B, 1, vocab) when ``last_only``.
+        """Logits (B, T, vocab) in float32, or (B, 1, vocab) for ``logits="last"``.
 
         Args:
             input_ids: (B, T) token ids.
             cache: KV cache to read and extend, or None for a full forward pass.
-            position_ids: (B, T) RoPE positions; default: slot indices.
-            pad_mask: (B, S) bool over key slots, False on padding (overrides
-                ``cache.pad_mask``).
-            last_only: compute the LM head for the last position only (generation).
-            masks: precomputed ``{sliding_window: (B, 1, T, S) bool mask}``, for callers
-                whose rows sit at different cache lengths (the server's batched slots).
+            logits: "last" computes the LM head for the last position only (generation).
         """
-        B, T = input_ids.shape
-        start = cache.length if cache is not None else 0
-        if position_ids is None:
-            position_ids = torch.arange(start, start + T).expand(B, T)
-        if pad_mask is None and cache is not None:
-            pad_mask = cache.pad_mask
-        x = self.model.embed_tokens(input_ids)  # (B, T, C)
-        cos, sin = self.model.rotary_emb(position_ids, x.dtype)
-        kv_len = start + T
-        if masks is None:
-            masks = {w: build_mask(start, T, kv_len, pad_mask, w) for w in self.windows}
-        causal = start == 0  # no cache prefix: plain causal attention over T keys
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, cache, masks, causal)
-        if cache is not None:
-            cache.advance(T)
-        if last_only:
+        x = self._decode(input_ids, cache)
+        if logits == "last":
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x)).float()
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+        """Final-norm hidden states (B, T, C) (training losses, embeddings)."""
+        return self.model.norm(self._decode(input_ids, cache))
+
+    def _decode(self, input_ids: torch.Tensor, cache: Cache | None) -> torch.Tensor:
+        B, T = input_ids.shape
+        if cache is None:
+            feed = full_feed(B, T, self.windows, input_ids.device)
+        else:
+            feed = cache.feed(T, self.windows)
+        x = self.model.embed_tokens(input_ids)  # (B, T, C)
+        cos, sin = self.model.rotary_emb(feed.positions, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, cache, feed.masks)
+        if cache is not None:
+            cache.advance(T)
+        return x
 
 
 def build(config: ModelConfig) -> CausalLM:

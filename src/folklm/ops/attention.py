@@ -46,15 +46,29 @@ def build_mask(
     return mask
 
 
+def build_row_masks(positions: torch.Tensor, span: int, windows) -> dict[int | None, torch.Tensor]:
+    """{window: (B, 1, 1, span) bool} for one query per row at its own slot: row b sees key
+    slots ``<= positions[b]`` (and within the window), whatever the other rows' lengths."""
+    k = torch.arange(span)[None, :]  # (1, S)
+    q = positions[:, None]  # (B, 1)
+    base = k <= q
+    masks = {}
+    for w in windows:
+        m = base if w is None else base & (q - k < w)
+        masks[w] = m[:, None, None, :]
+    return masks
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     mask: torch.Tensor | None,
-    causal: bool,
 ) -> torch.Tensor:
     """SDPA with grouped-query attention: q (B, H, T, D), k/v (B, H_kv, S, D) -> (B, H, T, D).
 
+    ``mask`` None means causal with the T queries being the last T keys: a single query
+    then sees every key, and T == S is SDPA's own ``is_causal``.
     Query head h reads kv head ``h // n_rep`` (the grouping of HF's ``repeat_kv``). For a
     single decode token the n_rep query heads of a group are stacked as n_rep "positions"
     of one head, so no copy of the cache is made to repeat it.
@@ -67,6 +81,9 @@ def attention(
             mask = mask.reshape(mask.shape[0], 1, 1, mask.shape[-1])  # (B, 1, 1, S)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return y.reshape(B, H, 1, D)
+    S = k.shape[2]
+    if mask is None and 1 < T < S:  # a chunk after cached keys: causal, aligned at the end
+        mask = build_mask(S - T, T, S)
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=causal and mask is None, enable_gqa=n_rep > 1
+        q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=n_rep > 1
     )

@@ -1,10 +1,13 @@
-"""Next-token selection: greedy, temperature, top-k, top-p (nucleus), min-p, repetition penalty.
+"""Next-token selection: the sampling options, their validation and the logits maths.
 
 Applied in the order transformers applies them, so a seeded folklm run and a seeded
 transformers run filter the same candidates: repetition penalty (Keskar et al., 2019,
 arXiv:1909.05858: positive logits of seen tokens divided by the penalty, negative ones
 multiplied), temperature, top-k, top-p (Holtzman et al., 2019, arXiv:1904.09751), min-p
 (Nguyen et al., 2024, arXiv:2407.01082: drop tokens below ``min_p`` x the top probability).
+The OpenAI presence/frequency penalties (``logit -= presence * [count > 0] + frequency *
+count`` over the tokens generated so far, as the OpenAI API reference defines them) come
+right after the repetition penalty. ``engine.sampler`` chains these as logits processors.
 """
 
 from __future__ import annotations
@@ -14,6 +17,18 @@ from dataclasses import dataclass, field
 import torch
 
 from folklm.errors import FolkError
+
+# the options that shape the next-token distribution, by their ``SamplingParams`` names
+# (front doors copy them by name from their own request objects)
+DISTRIBUTION_OPTIONS = (
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+)
 
 
 @dataclass
@@ -26,12 +41,23 @@ class SamplingParams:
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: off; k: the chosen token's and the top-k logprobs
 
     def validate(self) -> SamplingParams:
-        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+        numbers = (
+            "temperature",
+            "top_p",
+            "min_p",
+            "repetition_penalty",
+            "presence_penalty",
+            "frequency_penalty",
+        )
+        for name in numbers:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise FolkError(f"{name}={value!r} is invalid: expected a number")
@@ -46,6 +72,13 @@ class SamplingParams:
             (0 < self.top_p <= 1, "top_p", "in (0, 1]"),
             (0 <= self.min_p < 1, "min_p", "in [0, 1)"),
             (self.repetition_penalty > 0, "repetition_penalty", "> 0"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty", "in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "in [-2, 2]"),
+            (
+                self.logprobs is None or (isinstance(self.logprobs, int) and self.logprobs >= 0),
+                "logprobs",
+                "None or a whole number >= 0",
+            ),
         ]
         for ok, name, expected in checks:
             if not ok:
@@ -69,6 +102,13 @@ def apply_repetition_penalty(
     scores = logits.gather(1, seen)
     scores = torch.where(scores < 0, scores * penalty, scores / penalty)
     return logits.scatter(1, seen, scores)
+
+
+def apply_presence_frequency(
+    logits: torch.Tensor, counts: torch.Tensor, presence: float, frequency: float
+) -> torch.Tensor:
+    """logits (B, V); counts (B, V) float, how often each token was generated in each row."""
+    return logits - presence * (counts > 0) - frequency * counts
 
 
 def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:

@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from folklm.engine.constrained import JsonConstraint, Vocabulary
 from folklm.engine.scheduler import Request
 from folklm.errors import FolkError
+from folklm.ops.sampling import DISTRIBUTION_OPTIONS
 from folklm.serve.protocol import ChatCompletionRequest, ResponseFormat, error_body, new_id, now
 from folklm.serve.runner import ServedModel, Submission, TokenText, logprob_entry
 
@@ -70,19 +71,16 @@ async def constraint_for(served: ServedModel, fmt: ResponseFormat | None) -> Any
 
 def make_requests(served: ServedModel, prompt: list[int], body: Any, max_tokens: int, **kw):
     """``n`` engine requests for one prompt; choice i uses seed + i."""
+    options = {name: getattr(body, name) for name in DISTRIBUTION_OPTIONS}
     return [
         Request(
             prompt=prompt,
             max_tokens=max_tokens,
             sink=lambda e: None,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            top_k=body.top_k,
-            presence_penalty=body.presence_penalty,
-            frequency_penalty=body.frequency_penalty,
             seed=None if body.seed is None else body.seed + i,
             stop=body.stops(),
             adapter=served.adapter,
+            **options,
             **kw,
         )
         for i in range(body.n)

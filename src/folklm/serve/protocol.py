@@ -88,6 +88,8 @@ class _Sampling(_Request):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0)  # extension (vLLM, llama.cpp)
+    min_p: float = Field(default=0.0, ge=0.0, lt=1.0)  # extension (vLLM, llama.cpp)
+    repetition_penalty: float = Field(default=1.0, gt=0.0)  # extension (vLLM)
     user: str | None = None
 
     @field_validator("stop")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from folklm.ops.attention import build_mask
 from folklm.tune.data import IGNORE
 
 CHUNK_ROWS = 512
@@ -74,15 +73,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor)
 
 def hidden_states(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """Final-norm hidden states (B, T, C) of a folklm causal LM, no KV cache (training)."""
-    net = model.model
-    B, T = input_ids.shape
-    pos = torch.arange(T, device=input_ids.device).expand(B, T)
-    x = net.embed_tokens(input_ids)  # (B, T, C)
-    cos, sin = net.rotary_emb(pos, x.dtype)
-    masks = {w: build_mask(0, T, T, None, w) for w in model.windows}
-    for layer in net.layers:
-        x = layer(x, cos, sin, None, masks, True)
-    return net.norm(x)
+    return model.hidden_states(input_ids)
 
 
 def head_weight(model: nn.Module) -> torch.Tensor:
