@@ -12,16 +12,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from folklm.engine.request import Request
 from folklm.engine.sampler import Sampler, top_logprobs
 from folklm.engine.text import TextStream
 from folklm.tokenizer import Tokenizer
-
-if TYPE_CHECKING:  # the scheduler imports this module
-    from folklm.engine.scheduler import Request
 
 
 @dataclass
