@@ -65,18 +65,8 @@ def test_no_import_cycles(found):
     assert cycles(found, "folklm") == []
 
 
-# Modules another branch of issue 12 is rewriting (the decoding core); their imports are
-# checked like every other module's once that rewrite lands. Upward imports and cycles are
-# never exempt.
-PENDING = {"folklm.eval.scorer"}
-
-
 def test_function_local_imports_say_why(found):
-    silent = [
-        f"{i.module}:{i.line} -> {i.target}"
-        for i in found
-        if i.local and not i.commented and i.module not in PENDING
-    ]
+    silent = [f"{i.module}:{i.line} -> {i.target}" for i in found if i.local and not i.commented]
     assert silent == []
 
 

@@ -22,7 +22,9 @@ from typing import Any
 import torch
 
 from folklm.cache import KVCache
+from folklm.engine.generate import generate
 from folklm.errors import FolkError
+from folklm.ops.sampling import SamplingParams
 
 Pair = tuple[list[int], list[int]]
 
@@ -186,9 +188,6 @@ class Scorer:
     ) -> list[str]:
         """Continuation of each context (greedy unless ``sampling`` holds other
         ``SamplingParams`` fields), cut at the first stop string."""
-        from folklm.engine.generate import generate
-        from folklm.ops.sampling import SamplingParams
-
         sampling = {"temperature": 0.0, **sampling}
         params = SamplingParams(max_new_tokens=max_gen_tokens, stop=list(until), **sampling)
         room = max(self.max_length - max_gen_tokens, 1)
