@@ -182,8 +182,9 @@ def load(
         dtype: compute dtype, ``float32`` or ``bfloat16`` (``float16`` is slow on CPUs);
             None: the dtype a quantized model was saved in, else ``float32``.
         allow_pickle: accept pickled ``*.bin`` weights (loaded with ``weights_only=True``).
-        fast: re-pack linear weights for fast CPU inference (``engine.fast``); turn off to
-            get plain ``nn.Linear`` modules (e.g. to train or wrap them).
+        fast: re-pack linear weights for fast CPU inference (``engine.fast``) and keep a GGUF
+            file's quantized weights quantized (``kernels.gguf_linear``); turn off to get
+            plain ``nn.Linear`` modules (e.g. to train or wrap them).
     """
     t0 = time.perf_counter()
     if source is None:
@@ -220,9 +221,15 @@ def load(
         from folklm.checkpoint.gguf import read_gguf
 
         torch_dtype = parse_dtype(dtype or "float32")
-        ckpt = read_gguf(path)
+        # fast: quantized weights stay as their file's blocks (native kernels); otherwise
+        # every tensor is dequantized to plain modules, as training and merging need.
+        ckpt = read_gguf(path, keep_quantized=fast)
         config = ModelConfig.from_dict(ckpt.config)
         model = materialize(config, ckpt.tensors, torch_dtype, str(path))
+        if ckpt.quantized:
+            from folklm.kernels.gguf_linear import install_gguf_modules
+
+            install_gguf_modules(model, ckpt.quantized, torch_dtype)
         tokenizer = Tokenizer(ckpt.tokenizer, ckpt.tokenizer_config, source=str(path))
         gen_config = ckpt.generation_config
     elif path.is_file():
