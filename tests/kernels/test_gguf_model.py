@@ -1,0 +1,124 @@
+"""Whole models loaded from GGUF with their weights kept quantized (``folklm.load(x.gguf)``).
+
+Tiny random models (llama with permuted q/k, qwen2 with biases, tied embeddings, mixtral) are
+written as Q4_0/Q8_0 GGUF files and loaded both ways: quantized (the default) and dequantized
+(``fast=False``, the float path). The real bundled model checks greedy decoding, the logits'
+KL divergence / top-1 agreement, and peak memory.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import folklm
+from folklm.checkpoint.gguf_writer import write_gguf
+from folklm.kernels.gguf_linear import GGUFEmbedding, GGUFLinear
+
+
+def write_tiny_gguf(folder, out, dtype: str):
+    from folklm.checkpoint.hf import read_config, read_generation_config, read_weights
+    from folklm.tokenizer import Tokenizer
+
+    return write_gguf(
+        out,
+        read_config(folder).to_dict(),
+        read_weights(folder),
+        Tokenizer.from_folder(folder),
+        read_generation_config(folder),
+        dtype=dtype,
+    )
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "llama_tied", "mixtral"])
+def test_tiny_quantized_load_matches_dequantized(bpe_models, tmp_path, family: str) -> None:
+    path = write_tiny_gguf(bpe_models(family), tmp_path / "m.gguf", "q4_0")
+    quant = folklm.load(path)
+    plain = folklm.load(path, fast=False)
+    mods = list(quant.model.modules())
+    assert isinstance(quant.model.model.embed_tokens, GGUFEmbedding)
+    assert isinstance(quant.model.lm_head, GGUFLinear)  # Q8_0 output (or the tied embedding)
+    assert sum(isinstance(m, GGUFLinear) for m in mods) >= 7 * 2
+    assert not any(type(m) is torch.nn.Linear for m in mods if m is not quant.model)
+    if family == "llama_tied":
+        assert quant.model.lm_head.qweight is quant.model.model.embed_tokens.qweight
+    ids = torch.tensor([plain.tokenizer.encode("To be, or not to be: that is the question")])
+    with torch.no_grad():
+        want = plain.model(ids)
+        for rows in (ids[:, :1], ids):  # decode (integer kernel) and prefill (float tiles)
+            got = quant.model(rows)
+            ref = plain.model(rows)
+            scale = ref.abs().max()
+            assert (got - ref).abs().max() <= 2e-3 * scale, family
+        assert want.shape[-1] == quant.config.vocab_size
+    a = quant.generate("To be", max_new_tokens=8, temperature=0, chat=False)
+    b = plain.generate("To be", max_new_tokens=8, temperature=0, chat=False)
+    assert a.token_ids == b.token_ids
+
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a Python function that reverses a string.",
+    "Give me three tips for sleeping better.",
+]
+
+
+@pytest.mark.slow
+def test_default_model_quantized_equals_dequantized(default_gguf) -> None:
+    quant = folklm.load(default_gguf)
+    plain = folklm.load(default_gguf, fast=False)
+    assert isinstance(quant.model.lm_head, GGUFLinear)
+    kls, agree, total = [], 0, 0
+    for prompt in PROMPTS:
+        a = quant.generate(prompt, max_new_tokens=32, temperature=0)
+        b = plain.generate(prompt, max_new_tokens=32, temperature=0)
+        assert a.token_ids == b.token_ids, (prompt, a.text, b.text)
+        ids = torch.tensor([quant.encode_prompt(prompt) + b.token_ids])
+        with torch.no_grad():
+            for t in range(ids.shape[1] - len(b.token_ids), ids.shape[1]):
+                # one position at a time: the decode kernel, as in generation
+                lq = torch.log_softmax(quant.model(ids[:, : t + 1])[0, -1].double(), -1)
+                lp = torch.log_softmax(plain.model(ids[:, : t + 1])[0, -1].double(), -1)
+                kls.append(torch.sum(lp.exp() * (lp - lq)).item())
+                agree += int(lq.argmax() == lp.argmax())
+                total += 1
+    print(
+        f"\nquantized-native vs dequantized fp32, {total} positions: "
+        f"mean KL {sum(kls) / len(kls):.2e} nats, max KL {max(kls):.2e}, "
+        f"top-1 agreement {agree}/{total}"
+    )
+    assert agree == total and max(kls) < 1e-3
+
+
+PEAK = textwrap.dedent(
+    """
+    import json, sys, folklm
+    llm = folklm.load(sys.argv[1], fast=sys.argv[2] == "quantized")
+    llm.generate("Hello", max_new_tokens=4, temperature=0)
+    status = open("/proc/self/status").read().split("\\n")
+    hwm = [l for l in status if l.startswith("VmHWM")][0].split()[1]
+    print(json.dumps({"peak_kb": int(hwm)}))
+    """
+)
+
+
+@pytest.mark.slow
+def test_default_model_peak_memory(default_gguf) -> None:
+    peaks = {}
+    for mode in ("quantized", "float"):
+        out = subprocess.run(
+            [sys.executable, "-c", PEAK, str(default_gguf), mode],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        peaks[mode] = json.loads(out.stdout.strip().splitlines()[-1])["peak_kb"] / 1024
+    size = default_gguf.stat().st_size / 2**20
+    q, f = peaks["quantized"], peaks["float"]
+    print(f"\npeak RSS MB: quantized {q:.0f}, float {f:.0f}, file {size:.0f}")
+    assert peaks["quantized"] < 0.5 * peaks["float"]
