@@ -2,7 +2,7 @@
 
 The C sources use no torch headers, so they compile in about a second with the system C
 compiler and the package build never depends on torch. At first use they are compiled with
-``-O3 -march=native -fopenmp`` (``FOLK_KERNEL_MARCH`` overrides the ``-march`` value, e.g.
+``-O3 -march=native -pthread`` (``FOLK_KERNEL_MARCH`` overrides the ``-march`` value, e.g.
 ``x86-64-v3`` to build the AVX2 variant on an AVX-512 machine) into
 ``$FOLK_HOME/kernels/<key>/`` where the key hashes the source, the compiler's version, the
 flags and the CPU fingerprint (:func:`folklm.kernels.cpu.cpu_info`); the library is written to
@@ -67,7 +67,7 @@ def _compiler() -> str | None:
 def _flags(march: str) -> list[str]:
     # -ffp-contract=off: the row gather must round exactly as ggml's reference decoder does.
     arch = [] if march == "none" else [f"-march={march}"]
-    return ["-O3", *arch, "-fopenmp", "-fPIC", "-shared", "-std=c11", "-ffp-contract=off"]
+    return ["-O3", *arch, "-pthread", "-fPIC", "-shared", "-std=c11", "-ffp-contract=off"]
 
 
 def _version(cc: str) -> str:

@@ -43,9 +43,9 @@
 #endif
 #endif
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 
 enum {
     T_Q4_0 = 2,
@@ -443,6 +443,85 @@ static int known_type(int t) {
            t == T_Q4_K || t == T_Q5_K || t == T_Q6_K;
 }
 
+/* ---- threads ----------------------------------------------------------------------------
+ * A small pool instead of OpenMP: the caller works through chunks itself and returns as soon
+ * as every chunk is done, without waiting for helpers that never got a core. On a machine
+ * shared with other processes an OpenMP barrier waits for every thread to be scheduled;
+ * measured here (2 cores, load average 13): 2 OpenMP threads were 8x slower than 1. */
+
+typedef struct {
+    void (*fn)(void *ctx, int64_t lo, int64_t hi);
+    void *ctx;
+    int64_t n, chunk;
+    atomic_llong next, done;
+    atomic_int users; /* helpers inside this job */
+} job_t;
+
+static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t pool_cv = PTHREAD_COND_INITIALIZER;
+static job_t *pool_job;
+static unsigned long long pool_gen;
+static int pool_size; /* helpers started */
+static atomic_int pool_want; /* helpers that may take part in the current job */
+
+static void run_chunks(job_t *j) {
+    for (;;) {
+        int64_t lo = atomic_fetch_add(&j->next, j->chunk);
+        if (lo >= j->n) return;
+        int64_t hi = lo + j->chunk < j->n ? lo + j->chunk : j->n;
+        j->fn(j->ctx, lo, hi);
+        atomic_fetch_add(&j->done, hi - lo);
+    }
+}
+
+static void *helper(void *arg) {
+    int id = (int)(intptr_t)arg;
+    unsigned long long seen = 0;
+    pthread_mutex_lock(&pool_mu);
+    for (;;) {
+        while (pool_gen == seen) pthread_cond_wait(&pool_cv, &pool_mu);
+        seen = pool_gen;
+        job_t *j = pool_job;
+        if (!j || id >= atomic_load(&pool_want)) continue;
+        atomic_fetch_add(&j->users, 1);
+        pthread_mutex_unlock(&pool_mu);
+        run_chunks(j);
+        atomic_fetch_sub(&j->users, 1);
+        pthread_mutex_lock(&pool_mu);
+    }
+    return NULL;
+}
+
+static void parallel_for(void (*fn)(void *, int64_t, int64_t), void *ctx, int64_t n,
+                         int64_t chunk, int nthreads) {
+    if (nthreads <= 1 || n <= chunk) {
+        fn(ctx, 0, n);
+        return;
+    }
+    job_t j = {.fn = fn, .ctx = ctx, .n = n, .chunk = chunk};
+    atomic_init(&j.next, 0);
+    atomic_init(&j.done, 0);
+    atomic_init(&j.users, 0);
+    pthread_mutex_lock(&pool_mu);
+    while (pool_size < nthreads - 1 && pool_size < 255) {
+        pthread_t t;
+        if (pthread_create(&t, NULL, helper, (void *)(intptr_t)pool_size)) break;
+        pthread_detach(t);
+        pool_size++;
+    }
+    atomic_store(&pool_want, nthreads - 1);
+    pool_job = &j;
+    pool_gen++;
+    pthread_cond_broadcast(&pool_cv);
+    pthread_mutex_unlock(&pool_mu);
+    run_chunks(&j);
+    while (atomic_load(&j.done) < n) sched_yield(); /* chunks a helper is still running */
+    pthread_mutex_lock(&pool_mu);
+    pool_job = NULL; /* helpers waking later see no job */
+    pthread_mutex_unlock(&pool_mu);
+    while (atomic_load(&j.users) > 0) sched_yield(); /* helpers leaving run_chunks */
+}
+
 /* ---- exported ------------------------------------------------------------------------- */
 
 int folk_isa(void) {
@@ -453,6 +532,38 @@ int folk_isa(void) {
 #else
     return 0;
 #endif
+}
+
+typedef struct {
+    int type;
+    const uint8_t *w;
+    int64_t row_bytes, k, m, levels;
+    float *y;
+    int64_t ldy;
+    const int64_t *out_index;
+    const int8_t *xq;
+    const float *xd;
+    const int32_t *xs, *xs4;
+    const float *xf4;
+    float (*dot)(int, const uint8_t *, int64_t, xrow);
+} matmul_ctx;
+
+static void matmul_rows(void *ctx, int64_t lo, int64_t hi) {
+    const matmul_ctx *c = ctx;
+    const int64_t k = c->k;
+    for (int64_t r = lo; r < hi; r++) {
+        const uint8_t *wr = c->w + r * c->row_bytes;
+        int64_t col = c->out_index ? c->out_index[r] : r;
+        for (int64_t i = 0; i < c->m; i++) {
+            float v = 0.0f;
+            for (int64_t j = i * c->levels; j < (i + 1) * c->levels; j++) {
+                xrow xr = {c->xq + j * k, c->xd + j * (k / 32), c->xs + j * (k / 16),
+                           c->xs4 + j * (k / 4), c->xf4 + j * (k / 4)};
+                v += c->dot(c->type, wr, k, xr);
+            }
+            c->y[i * c->ldy + col] = v;
+        }
+    }
 }
 
 /* y[i * ldy + col(r)] = dot(W row r, x row i) for r < n, i < m; col(r) = out_index ? out_index[r]
@@ -486,28 +597,15 @@ int folk_matmul(int type, const uint8_t *w, int64_t row_bytes, int64_t n, int64_
         quantize_row(src, k, xq + j * k, xd + j * (k / 32), xs + j * (k / 16), xs4 + j * (k / 4),
                      xf4 + j * (k / 4));
     }
-    float (*dot)(int, const uint8_t *, int64_t, xrow) = dot_scalar;
+    matmul_ctx c = {type, w, row_bytes, k, m, levels, y, ldy, out_index, xq, xd, xs, xs4, xf4,
+                    dot_scalar};
 #ifdef FOLK_AVX2
-    if (path == 0) dot = dot_avx2;
+    if (path == 0) c.dot = dot_avx2;
 #endif
     (void)path;
-    /* dynamic chunks: a core taken by another process delays only its chunk, not all */
+    /* chunks of rows small enough to balance when a core is busy with another process */
     int64_t chunk = n / (8 * (int64_t)(nthreads > 0 ? nthreads : 1));
-    chunk = chunk < 8 ? 8 : chunk;
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic, chunk)
-    for (int64_t r = 0; r < n; r++) {
-        const uint8_t *wr = w + r * row_bytes;
-        int64_t col = out_index ? out_index[r] : r;
-        for (int64_t i = 0; i < m; i++) {
-            float v = 0.0f;
-            for (int64_t j = i * levels; j < (i + 1) * levels; j++) {
-                xrow xr = {xq + j * k, xd + j * (k / 32), xs + j * (k / 16), xs4 + j * (k / 4),
-                           xf4 + j * (k / 4)};
-                v += dot(type, wr, k, xr);
-            }
-            y[i * ldy + col] = v;
-        }
-    }
+    parallel_for(matmul_rows, &c, n, chunk < 8 ? 8 : chunk, nthreads);
     free(xq), free(xd), free(xs), free(xs4), free(xf4), free(res);
     return 0;
 }
@@ -584,15 +682,32 @@ static int dequant_row(int type, const uint8_t *w, int64_t k, float *out) {
     return -1;
 }
 
+typedef struct {
+    int type;
+    const uint8_t *w;
+    int64_t row_bytes, k, first;
+    const int64_t *rows;
+    float *out;
+    atomic_int bad;
+} dequant_ctx;
+
+static void dequant_some(void *ctx, int64_t lo, int64_t hi) {
+    dequant_ctx *c = ctx;
+    for (int64_t i = lo; i < hi; i++) {
+        int64_t r = c->rows ? c->rows[i] : c->first + i;
+        if (dequant_row(c->type, c->w + r * c->row_bytes, c->k, c->out + i * c->k))
+            atomic_store(&c->bad, 1);
+    }
+}
+
 /* out[i, :] = row (rows ? rows[i] : first + i) of W, for i < count. */
 int folk_dequant_rows(int type, const uint8_t *w, int64_t row_bytes, int64_t k,
                       const int64_t *rows, int64_t first, int64_t count, float *out,
                       int nthreads) {
-    int bad = 0;
-#pragma omp parallel for num_threads(nthreads) schedule(static) reduction(| : bad) if (count > 8)
-    for (int64_t i = 0; i < count; i++) {
-        int64_t r = rows ? rows[i] : first + i;
-        bad |= dequant_row(type, w + r * row_bytes, k, out + i * k);
-    }
-    return bad ? -1 : 0;
+    if (!known_type(type)) return -1;
+    dequant_ctx c = {.type = type, .w = w, .row_bytes = row_bytes, .k = k, .first = first,
+                     .rows = rows, .out = out};
+    atomic_init(&c.bad, 0);
+    parallel_for(dequant_some, &c, count, 16, nthreads);
+    return atomic_load(&c.bad) ? -1 : 0;
 }
