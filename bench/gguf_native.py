@@ -131,7 +131,20 @@ print(json.dumps({"decode_tok_s": best, "peak_mb": int(hwm) / 1024,
 """
 
 
-def models_part(threads: int, rounds: int) -> dict:
+def llama_bench(binary: str | None, path: Path, threads: int) -> float | None:
+    """llama.cpp's decode tok/s on the same file (``llama-bench -p 0 -n 64``), or None."""
+    if not binary:
+        return None
+    env = {**os.environ, "LD_LIBRARY_PATH": str(Path(binary).parent)}
+    cmd = [binary, "-m", str(path), "-t", str(threads), "-p", "0", "-n", "64", "-r", "2"]
+    run = subprocess.run([*cmd, "-o", "json"], capture_output=True, text=True, env=env)
+    if run.returncode != 0:
+        print(f"llama-bench failed: {run.stderr.strip()[-300:]}")
+        return None
+    return max(r["avg_ts"] for r in json.loads(run.stdout))
+
+
+def models_part(threads: int, rounds: int, peer: str | None) -> dict:
     from folklm.defaults import default_gguf_path
 
     files = {"smollm2-135m-q4_1": default_gguf_path()}
@@ -142,6 +155,7 @@ def models_part(threads: int, rounds: int) -> dict:
     out = {}
     for name, path in files.items():
         res: dict[str, list] = {"quantized": [], "dequantized": []}
+        peers = []
         for _ in range(2):  # interleaved processes
             for mode in res:
                 run = subprocess.run(
@@ -152,6 +166,7 @@ def models_part(threads: int, rounds: int) -> dict:
                     check=True,
                 )
                 res[mode].append(json.loads(run.stdout.strip().splitlines()[-1]))
+            peers.append(llama_bench(peer, path, threads))
         size = Path(path).stat().st_size / 2**20
         q = max(res["quantized"], key=lambda r: r["decode_tok_s"])
         d = max(res["dequantized"], key=lambda r: r["decode_tok_s"])
@@ -168,6 +183,14 @@ def models_part(threads: int, rounds: int) -> dict:
             "quantized_tok_s": round(q["decode_tok_s"], 1),
             "dequantized_tok_s": round(d["decode_tok_s"], 1),
         }
+        if any(peers):
+            best = max(p for p in peers if p)
+            print(
+                f"  llama.cpp llama-bench, same file, {threads} threads: {best:.1f} tok/s "
+                f"(folklm quantized / llama.cpp = {q['decode_tok_s'] / best:.2f})"
+            )
+            out[name]["llama_cpp_tok_s"] = round(best, 1)
+            out[name]["ratio_vs_llama_cpp"] = round(q["decode_tok_s"] / best, 2)
     return out
 
 
@@ -177,6 +200,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--skip-models", action="store_true")
     ap.add_argument("--skip-kernels", action="store_true")
+    ap.add_argument(
+        "--llama-bench",
+        default=os.environ.get("LLAMA_BENCH"),
+        help="path of llama.cpp's llama-bench (../shared/tools/llama-cpp.sh builds it)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     lib = native.kernels()
@@ -189,7 +217,7 @@ def main() -> None:
     if not args.skip_kernels:
         result |= kernels_part(args.rounds)
     if not args.skip_models:
-        result["models"] = models_part(args.threads, max(1, args.rounds // 2))
+        result["models"] = models_part(args.threads, max(1, args.rounds // 2), args.llama_bench)
     result["loadavg"] = [round(v, 1) for v in os.getloadavg()]
     print(json.dumps(result))
 

@@ -474,11 +474,21 @@ static void run_chunks(job_t *j) {
     }
 }
 
+static atomic_ullong pool_gen_seen; /* pool_gen, readable without the lock */
+
 static void *helper(void *arg) {
     int id = (int)(intptr_t)arg;
     unsigned long long seen = 0;
     pthread_mutex_lock(&pool_mu);
     for (;;) {
+        if (pool_gen == seen) {
+            /* A decode step calls the kernels a few hundred times in a row: poll politely
+             * (sched_yield gives the core away when others want it) for about a millisecond
+             * before sleeping, so the next call does not pay a wake-up. */
+            pthread_mutex_unlock(&pool_mu);
+            for (int i = 0; i < 2000 && atomic_load(&pool_gen_seen) == seen; i++) sched_yield();
+            pthread_mutex_lock(&pool_mu);
+        }
         while (pool_gen == seen) pthread_cond_wait(&pool_cv, &pool_mu);
         seen = pool_gen;
         job_t *j = pool_job;
@@ -512,6 +522,7 @@ static void parallel_for(void (*fn)(void *, int64_t, int64_t), void *ctx, int64_
     atomic_store(&pool_want, nthreads - 1);
     pool_job = &j;
     pool_gen++;
+    atomic_store(&pool_gen_seen, pool_gen);
     pthread_cond_broadcast(&pool_cv);
     pthread_mutex_unlock(&pool_mu);
     run_chunks(&j);
