@@ -121,6 +121,11 @@ typedef struct {
     const int32_t *s; /* k / 16 sums of codes */
     const int32_t *s4; /* k / 4 sums of codes (the lanes of one block's 8-lane dot product) */
     const float *f4;  /* k / 4: d * s4 of the block */
+    /* the second level (the rounding residual), for the fused two-level kernel */
+    const int8_t *q2;
+    const float *d2;
+    const int32_t *s42;
+    const float *f42;
 } xrow;
 
 static void quantize_row(const float *x, int64_t k, int8_t *q, float *d, int32_t *s, int32_t *s4,
@@ -297,42 +302,64 @@ static inline __m256i bits_to_16(uint32_t qh) {
     return _mm256_and_si256(v, _mm256_set1_epi8(0x10));
 }
 
-#define XQ(b) _mm256_loadu_si256((const __m256i *)(x.q + 32 * (b)))
-#define XS4(b) _mm256_loadu_si256((const __m256i *)(x.s4 + 8 * (b)))
-#define XF4(b) _mm256_loadu_ps(x.f4 + 8 * (b))
+#define INL static inline __attribute__((always_inline))
+#define LOAD256(p) _mm256_loadu_si256((const __m256i *)(p))
+
+/* acc += sum over the L activation levels of wscale * d_l[b] * (q . xq_l - (s4_l << zs)):
+ * the weight codes q are unpacked once for both levels. */
+INL __m256 levels_dot(__m256 acc, __m256 wscale, __m256i q, xrow x, int64_t b, int zs, int L) {
+    for (int l = 0; l < L; l++) {
+        const int8_t *xq = l ? x.q2 : x.q;
+        const float *d = l ? x.d2 : x.d;
+        const int32_t *s4 = l ? x.s42 : x.s4;
+        __m256i dot = udot(q, LOAD256(xq + 32 * b));
+        if (zs) dot = _mm256_sub_epi32(dot, _mm256_slli_epi32(LOAD256(s4 + 8 * b), zs));
+        acc = _mm256_fmadd_ps(_mm256_mul_ps(wscale, _mm256_set1_ps(d[b])),
+                              _mm256_cvtepi32_ps(dot), acc);
+    }
+    return acc;
+}
+
+/* d * (sum of the block's activations), per lane, over the levels */
+INL __m256 levels_f4(xrow x, int64_t b, int L) {
+    __m256 f = _mm256_loadu_ps(x.f4 + 8 * b);
+    return L > 1 ? _mm256_add_ps(f, _mm256_loadu_ps(x.f42 + 8 * b)) : f;
+}
 
 /* One 32-weight block of each small format: acc += scaled dot, accm += the min term. */
-static inline void blk_q8_0(const uint8_t *w, xrow x, int64_t b, __m256 *acc, __m256 *accm) {
+INL void blk_q8_0(const uint8_t *w, xrow x, int64_t b, __m256 *acc, __m256 *accm, int L) {
     (void)accm;
-    __m256i q = _mm256_loadu_si256((const __m256i *)(w + 2)), xq = XQ(b);
-    __m256i dot = udot(_mm256_sign_epi8(q, q), _mm256_sign_epi8(xq, q));
-    *acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(w) * x.d[b]), _mm256_cvtepi32_ps(dot), *acc);
+    __m256i q = LOAD256(w + 2), u = _mm256_sign_epi8(q, q);
+    __m256 dw = _mm256_set1_ps(f16_at(w));
+    for (int l = 0; l < L; l++) {
+        const int8_t *xq = l ? x.q2 : x.q;
+        const float *d = l ? x.d2 : x.d;
+        __m256i dot = udot(u, _mm256_sign_epi8(LOAD256(xq + 32 * b), q));
+        *acc = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(d[b])), _mm256_cvtepi32_ps(dot),
+                               *acc);
+    }
 }
 
-static inline void blk_q4_0(const uint8_t *w, xrow x, int64_t b, __m256 *acc, __m256 *accm) {
+INL void blk_q4_0(const uint8_t *w, xrow x, int64_t b, __m256 *acc, __m256 *accm, int L) {
     (void)accm;
-    __m256i dot = _mm256_sub_epi32(udot(nibbles16(w + 2), XQ(b)), _mm256_slli_epi32(XS4(b), 3));
-    *acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(w) * x.d[b]), _mm256_cvtepi32_ps(dot), *acc);
+    *acc = levels_dot(*acc, _mm256_set1_ps(f16_at(w)), nibbles16(w + 2), x, b, 3, L);
 }
 
-static inline void blk_q5_0(const uint8_t *w, xrow x, int64_t b, __m256 *acc, __m256 *accm) {
+INL void blk_q5_0(const uint8_t *w, xrow x, int64_t b, __m256 *acc, __m256 *accm, int L) {
     (void)accm;
     __m256i q = _mm256_or_si256(nibbles16(w + 6), bits_to_16(u32_at(w + 2)));
-    __m256i dot = _mm256_sub_epi32(udot(q, XQ(b)), _mm256_slli_epi32(XS4(b), 4));
-    *acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(w) * x.d[b]), _mm256_cvtepi32_ps(dot), *acc);
+    *acc = levels_dot(*acc, _mm256_set1_ps(f16_at(w)), q, x, b, 4, L);
 }
 
-static inline void blk_q4_1(const uint8_t *w, xrow x, int64_t b, __m256 *acc, __m256 *accm) {
-    __m256i dot = udot(nibbles16(w + 4), XQ(b));
-    *acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(w) * x.d[b]), _mm256_cvtepi32_ps(dot), *acc);
-    *accm = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(w + 2)), XF4(b), *accm);
+INL void blk_q4_1(const uint8_t *w, xrow x, int64_t b, __m256 *acc, __m256 *accm, int L) {
+    *acc = levels_dot(*acc, _mm256_set1_ps(f16_at(w)), nibbles16(w + 4), x, b, 0, L);
+    *accm = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(w + 2)), levels_f4(x, b, L), *accm);
 }
 
-static inline void blk_q5_1(const uint8_t *w, xrow x, int64_t b, __m256 *acc, __m256 *accm) {
+INL void blk_q5_1(const uint8_t *w, xrow x, int64_t b, __m256 *acc, __m256 *accm, int L) {
     __m256i q = _mm256_or_si256(nibbles16(w + 8), bits_to_16(u32_at(w + 4)));
-    __m256i dot = udot(q, XQ(b));
-    *acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(w) * x.d[b]), _mm256_cvtepi32_ps(dot), *acc);
-    *accm = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(w + 2)), XF4(b), *accm);
+    *acc = levels_dot(*acc, _mm256_set1_ps(f16_at(w)), q, x, b, 0, L);
+    *accm = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(w + 2)), levels_f4(x, b, L), *accm);
 }
 
 /* Two independent accumulator pairs hide the latency of the fused multiply-adds. */
@@ -340,13 +367,13 @@ static inline void blk_q5_1(const uint8_t *w, xrow x, int64_t b, __m256 *acc, __
     do {                                                                                   \
         int64_t b = 0;                                                                     \
         for (; b + 1 < nb; b += 2) {                                                       \
-            FN(w + b * (SIZE), x, b, &acc0, &accm0);                                       \
-            FN(w + (b + 1) * (SIZE), x, b + 1, &acc1, &accm1);                             \
+            FN(w + b * (SIZE), x, b, &acc0, &accm0, L);                                    \
+            FN(w + (b + 1) * (SIZE), x, b + 1, &acc1, &accm1, L);                          \
         }                                                                                  \
-        if (b < nb) FN(w + b * (SIZE), x, b, &acc0, &accm0);                               \
+        if (b < nb) FN(w + b * (SIZE), x, b, &acc0, &accm0, L);                            \
     } while (0)
 
-static float dot_avx2(int type, const uint8_t *w, int64_t k, xrow x) {
+INL float dot_avx2_impl(int type, const uint8_t *w, int64_t k, xrow x, const int L) {
     const __m256i lo4 = _mm256_set1_epi8(0x0F);
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     __m256 accm0 = _mm256_setzero_ps(), accm1 = _mm256_setzero_ps();
@@ -373,10 +400,9 @@ static float dot_avx2(int type, const uint8_t *w, int64_t k, xrow x) {
         for (int64_t sb = 0; sb < k / 256; sb++, w += size) {
             float d = f16_at(w), dmin = f16_at(w + 2);
             const uint8_t *qs = w + (five ? 48 : 16);
-            __m256i hbits = five ? _mm256_loadu_si256((const __m256i *)(w + 16))
-                                 : _mm256_setzero_si256();
+            __m256i hbits = five ? LOAD256(w + 16) : _mm256_setzero_si256();
             for (int c = 0; c < 4; c++) {
-                __m256i raw = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
+                __m256i raw = LOAD256(qs + 32 * c);
                 __m256i q0 = _mm256_and_si256(raw, lo4);
                 __m256i q1 = _mm256_and_si256(_mm256_srli_epi16(raw, 4), lo4);
                 if (five) {
@@ -390,12 +416,12 @@ static float dot_avx2(int type, const uint8_t *w, int64_t k, xrow x) {
                 k_scale_min(w + 4, 2 * c, &sc0, &mn0);
                 k_scale_min(w + 4, 2 * c + 1, &sc1, &mn1);
                 int64_t b0 = 8 * sb + 2 * c, b1 = b0 + 1;
-                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d * (float)sc0 * x.d[b0]),
-                                       _mm256_cvtepi32_ps(udot(q0, XQ(b0))), acc0);
-                acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d * (float)sc1 * x.d[b1]),
-                                       _mm256_cvtepi32_ps(udot(q1, XQ(b1))), acc1);
-                accm0 = _mm256_fmadd_ps(_mm256_set1_ps(-dmin * (float)mn0), XF4(b0), accm0);
-                accm1 = _mm256_fmadd_ps(_mm256_set1_ps(-dmin * (float)mn1), XF4(b1), accm1);
+                acc0 = levels_dot(acc0, _mm256_set1_ps(d * (float)sc0), q0, x, b0, 0, L);
+                acc1 = levels_dot(acc1, _mm256_set1_ps(d * (float)sc1), q1, x, b1, 0, L);
+                accm0 = _mm256_fmadd_ps(_mm256_set1_ps(-dmin * (float)mn0), levels_f4(x, b0, L),
+                                        accm0);
+                accm1 = _mm256_fmadd_ps(_mm256_set1_ps(-dmin * (float)mn1), levels_f4(x, b1, L),
+                                        accm1);
             }
         }
         break;
@@ -407,9 +433,7 @@ static float dot_avx2(int type, const uint8_t *w, int64_t k, xrow x) {
             const __m256i three = _mm256_set1_epi8(3);
             for (int h = 0; h < 2; h++) {
                 const uint8_t *ql = w + 64 * h;
-                __m256i l0 = _mm256_loadu_si256((const __m256i *)ql);
-                __m256i l1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
-                __m256i hb = _mm256_loadu_si256((const __m256i *)(w + 128 + 32 * h));
+                __m256i l0 = LOAD256(ql), l1 = LOAD256(ql + 32), hb = LOAD256(w + 128 + 32 * h);
                 __m256i q[4];
                 q[0] = _mm256_and_si256(l0, lo4);
                 q[1] = _mm256_and_si256(l1, lo4);
@@ -419,14 +443,12 @@ static float dot_avx2(int type, const uint8_t *w, int64_t k, xrow x) {
                     __m256i hi = _mm256_and_si256(_mm256_srli_epi16(hb, 2 * p), three);
                     __m256i qq = _mm256_or_si256(q[p], _mm256_slli_epi16(hi, 4));
                     int c = 4 * h + p;
-                    int64_t b = 8 * sb + c;
-                    __m256i dot = _mm256_sub_epi32(udot(qq, XQ(b)), _mm256_slli_epi32(XS4(b), 5));
-                    float dd = d * x.d[b], s0 = dd * (float)sc[2 * c], s1 = dd * (float)sc[2 * c + 1];
+                    float s0 = d * (float)sc[2 * c], s1 = d * (float)sc[2 * c + 1];
                     __m256 scale = _mm256_set_ps(s1, s1, s1, s1, s0, s0, s0, s0);
                     if (p & 1)
-                        acc1 = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), acc1);
+                        acc1 = levels_dot(acc1, scale, qq, x, 8 * sb + c, 5, L);
                     else
-                        acc0 = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), acc0);
+                        acc0 = levels_dot(acc0, scale, qq, x, 8 * sb + c, 5, L);
                 }
             }
         }
@@ -435,6 +457,15 @@ static float dot_avx2(int type, const uint8_t *w, int64_t k, xrow x) {
         return NAN;
     }
     return hsum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(accm0, accm1)));
+}
+
+static float dot_avx2(int type, const uint8_t *w, int64_t k, xrow x) {
+    return dot_avx2_impl(type, w, k, x, 1);
+}
+
+/* both activation levels in one pass over the weights (x.q2, x.d2, x.s42, x.f42 set) */
+static float dot_avx2_two(int type, const uint8_t *w, int64_t k, xrow x) {
+    return dot_avx2_impl(type, w, k, x, 2);
 }
 #endif
 
@@ -557,6 +588,7 @@ typedef struct {
     const int32_t *xs, *xs4;
     const float *xf4;
     float (*dot)(int, const uint8_t *, int64_t, xrow);
+    float (*dot2)(int, const uint8_t *, int64_t, xrow); /* fused two-level dot, or NULL */
 } matmul_ctx;
 
 static void matmul_rows(void *ctx, int64_t lo, int64_t hi) {
@@ -567,10 +599,21 @@ static void matmul_rows(void *ctx, int64_t lo, int64_t hi) {
         int64_t col = c->out_index ? c->out_index[r] : r;
         for (int64_t i = 0; i < c->m; i++) {
             float v = 0.0f;
-            for (int64_t j = i * c->levels; j < (i + 1) * c->levels; j++) {
-                xrow xr = {c->xq + j * k, c->xd + j * (k / 32), c->xs + j * (k / 16),
-                           c->xs4 + j * (k / 4), c->xf4 + j * (k / 4)};
-                v += c->dot(c->type, wr, k, xr);
+            int64_t j0 = i * c->levels;
+            if (c->dot2) { /* both levels in one pass */
+                int64_t j = j0 + 1;
+                xrow xr = {c->xq + j0 * k, c->xd + j0 * (k / 32), c->xs + j0 * (k / 16),
+                           c->xs4 + j0 * (k / 4), c->xf4 + j0 * (k / 4),
+                           c->xq + j * k, c->xd + j * (k / 32), c->xs4 + j * (k / 4),
+                           c->xf4 + j * (k / 4)};
+                v = c->dot2(c->type, wr, k, xr);
+            } else {
+                for (int64_t j = j0; j < j0 + c->levels; j++) {
+                    xrow xr = {c->xq + j * k, c->xd + j * (k / 32), c->xs + j * (k / 16),
+                               c->xs4 + j * (k / 4), c->xf4 + j * (k / 4), NULL, NULL, NULL,
+                               NULL};
+                    v += c->dot(c->type, wr, k, xr);
+                }
             }
             c->y[i * c->ldy + col] = v;
         }
@@ -609,9 +652,10 @@ int folk_matmul(int type, const uint8_t *w, int64_t row_bytes, int64_t n, int64_
                      xf4 + j * (k / 4));
     }
     matmul_ctx c = {type, w, row_bytes, k, m, levels, y, ldy, out_index, xq, xd, xs, xs4, xf4,
-                    dot_scalar};
+                    dot_scalar, NULL};
 #ifdef FOLK_AVX2
     if (path == 0) c.dot = dot_avx2;
+    if (path == 0 && levels == 2) c.dot2 = dot_avx2_two;
 #endif
     (void)path;
     /* chunks of rows small enough to balance when a core is busy with another process */
