@@ -20,7 +20,9 @@ What the conversion undoes (see llama.cpp ``convert_hf_to_gguf.py``):
   is turned back into the ``rope_scaling`` dict of ``config.json``.
 
 The file is read with ``gguf.GGUFReader`` (memory-mapped); tensors are dequantized by
-:mod:`folklm.checkpoint.gguf_quants`.
+:mod:`folklm.checkpoint.gguf_quants`, or, with ``keep_quantized=True``, quantized 2-D weights
+stay as their memory-mapped blocks (:class:`folklm.kernels.gguf_linear.GGUFTensor`) for the
+native kernels; the q/k row permutation is then recorded as a row order, not applied.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from math import prod
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +46,8 @@ from folklm.checkpoint.gguf_quants import BLOCK_SIZES, dequantize
 from folklm.checkpoint.gguf_reader import GGUFFileError, open_gguf, read_metadata
 from folklm.checkpoint.gguf_tokenizer import TokenizerMetadataError, build_tokenizer
 from folklm.errors import CheckpointError
+from folklm.kernels.gguf_linear import BLOCKS as QUANTIZED_BLOCKS
+from folklm.kernels.gguf_linear import GGUFTensor
 
 __all__ = ["GGUFCheckpoint", "dequantize", "read_gguf", "read_gguf_tokenizer", "unpermute_rope"]
 
@@ -89,6 +94,8 @@ class GGUFCheckpoint:
         generation_config: ``bos_token_id``, ``eos_token_id`` (a list when the file names
             several stop tokens), ``pad_token_id``.
         metadata: the ``general.*`` fields, plus ``file_type`` (e.g. ``"Q4_1"``).
+        quantized: with ``keep_quantized``, HF name -> :class:`GGUFTensor` for each weight
+            kept as blocks; ``tensors`` then holds a ``meta`` placeholder under that name.
     """
 
     config: dict[str, Any]
@@ -97,6 +104,7 @@ class GGUFCheckpoint:
     tokenizer_config: dict[str, Any]
     generation_config: dict[str, Any]
     metadata: dict[str, Any]
+    quantized: dict[str, Any] = field(default_factory=dict)
 
 
 def unpermute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -110,12 +118,17 @@ def unpermute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def read_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> GGUFCheckpoint:
+def read_gguf(
+    path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, keep_quantized: bool = False
+) -> GGUFCheckpoint:
     """Read a GGUF model file into Hugging Face names, shapes and config.
 
     Args:
         path: the ``.gguf`` file.
         dtype: dtype of the returned tensors (quantized weights are dequantized).
+        keep_quantized: keep 2-D weights in the encodings the native kernels compute on
+            (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) as memory-mapped blocks in
+            ``quantized`` instead of dequantizing them.
 
     Raises:
         CheckpointError: the file is missing, not GGUF, truncated, of an unsupported
@@ -139,6 +152,15 @@ def read_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32) ->
         return w.to(dtype)
 
     tensors: dict[str, torch.Tensor] = {}
+    quantized: dict[str, Any] = {}
+    if keep_quantized:
+        for name, (info, shape) in list(plan.items()):
+            if len(shape) < 2 or info.tensor_type not in QUANTIZED_BLOCKS:
+                continue
+            del plan[name]
+            for hf, t in _kept(name, info, shape, permute, n_heads):
+                quantized[hf] = t
+                tensors[hf] = torch.empty(t.shape, dtype=dtype, device="meta")
     for name, w in _in_parallel(decode, plan):
         if m := _STACKED.fullmatch(name):
             layer, kind = m.group(1), _EXPERT_NAMES[m.group(2)]
@@ -155,7 +177,26 @@ def read_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32) ->
         tokenizer_config=tokenizer_config,
         generation_config=generation_config(meta),
         metadata=_general_metadata(meta, infos),
+        quantized=quantized,
     )
+
+
+def _kept(
+    name: str, info: Any, shape: tuple[int, ...], permute: bool, n_heads: dict[str, int]
+) -> Iterator[tuple[str, GGUFTensor]]:
+    """(HF name, blocks) of one quantized GGUF tensor, split per expert when stacked."""
+    t = GGUFTensor.from_bytes(info.data, info.tensor_type, (prod(shape[:-1]), shape[-1]))
+    if m := _STACKED.fullmatch(name):
+        layer, kind = m.group(1), _EXPERT_NAMES[m.group(2)]
+        rows = shape[1]
+        for e in range(shape[0]):
+            hf = f"model.layers.{layer}.block_sparse_moe.experts.{e}.{kind}.weight"
+            yield hf, t.rows(e * rows, (e + 1) * rows)
+        return
+    if permute and (proj := name.rsplit(".", 2)[-2]) in n_heads:
+        # Blocks lie within rows, so undoing the RoPE permutation is a row order (exact).
+        t.order = unpermute_rope(torch.arange(shape[0]), n_heads[proj]).contiguous()
+    yield _hf_name(name), t
 
 
 def _in_parallel(

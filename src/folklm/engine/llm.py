@@ -27,6 +27,7 @@ from folklm.config import ModelConfig
 from folklm.engine.fast import pack_linears
 from folklm.engine.generate import Completion, Timings, generate, generate_stream
 from folklm.errors import CheckpointError, FolkError
+from folklm.kernels.gguf_linear import install_gguf_modules
 from folklm.kernels.schemes import cast_float_parts, materialize_quantized
 from folklm.ops.sampling import SamplingParams
 from folklm.tokenizer import Tokenizer
@@ -186,8 +187,9 @@ def load(
         dtype: compute dtype, ``float32`` or ``bfloat16`` (``float16`` is slow on CPUs);
             None: the dtype a quantized model was saved in, else ``float32``.
         allow_pickle: accept pickled ``*.bin`` weights (loaded with ``weights_only=True``).
-        fast: re-pack linear weights for fast CPU inference (``engine.fast``); turn off to
-            get plain ``nn.Linear`` modules (e.g. to train or wrap them).
+        fast: re-pack linear weights for fast CPU inference (``engine.fast``) and keep a GGUF
+            file's quantized weights quantized (``kernels.gguf_linear``); turn off to get
+            plain ``nn.Linear`` modules (e.g. to train or wrap them).
         resolve_base: turns the base model an adapter names (a path or, for
             ``folklm.load``, a hub name) into a path; None takes it as a path.
     """
@@ -211,9 +213,13 @@ def load(
         gen_config = read_generation_config(path)
     elif path.is_file() and path.suffix.lower() == ".gguf":
         torch_dtype = parse_dtype(dtype or "float32")
-        ckpt = read_gguf(path)
+        # fast: quantized weights stay as their file's blocks (native kernels); otherwise
+        # every tensor is dequantized to plain modules, as training and merging need.
+        ckpt = read_gguf(path, keep_quantized=fast)
         config = ModelConfig.from_dict(ckpt.config)
         model = materialize(config, ckpt.tensors, torch_dtype, str(path))
+        if ckpt.quantized:
+            install_gguf_modules(model, ckpt.quantized, torch_dtype)
         tokenizer = Tokenizer(ckpt.tokenizer, ckpt.tokenizer_config, source=str(path))
         gen_config = ckpt.generation_config
     elif path.is_file():
