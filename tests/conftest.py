@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from folklm import datasets
+
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"  # the real public data sets (see its README)
 # llama.cpp's vocab files, fetched by tests/data/fetch_vocab.sh (README command (b)).
 os.environ.setdefault("FOLK_TEST_VOCAB_DIR", str(ROOT / ".cache" / "vocab"))
 # Tests never write into the user's ~/.folklm: one fresh home per test session (the bundled
@@ -138,7 +139,7 @@ def write_tiny_bpe_tokenizer(folder: Path, vocab_size: int) -> int:
     Tiny Shakespeare, with ChatML special tokens; returns its vocabulary size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-    text = (ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt").read_text()[:60000]
+    text = datasets.read_text("tinyshakespeare/input.txt")[:60000]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(False)]

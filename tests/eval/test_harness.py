@@ -15,13 +15,13 @@ HERE = Path(__file__).resolve().parent
 @pytest.fixture
 def harness_task(tmp_path) -> Path:
     """The harness's task YAMLs for local files (tiny_mc, arc_easy), data paths absolute."""
-    from folklm.eval.builtin import DATA_ROOT
+    from folklm import datasets
 
     folder = tmp_path / "tasks"
     folder.mkdir()
     paths = {
         "../data/tiny_mc.jsonl": str(HERE / "data/tiny_mc.jsonl"),
-        "ARC_EASY_JSONL": str(DATA_ROOT / "arc_easy/arc_easy.jsonl"),
+        "ARC_EASY_JSONL": str(datasets.path("arc_easy/arc_easy.jsonl")),
     }
     for src in (HERE / "lm_eval_tasks").glob("*.yaml"):
         text = src.read_text()

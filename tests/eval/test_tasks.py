@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from folklm import datasets
 from folklm.errors import FolkError
 from folklm.eval import metrics as M
-from folklm.eval.builtin import DATA_ROOT, GROUPS, known_tasks, resolve_tasks
+from folklm.eval.builtin import GROUPS, known_tasks, resolve_tasks
 from folklm.eval.runner import build_requests
 from folklm.eval.tasks import load_spec
 
@@ -67,7 +68,7 @@ def test_gsm8k_fewshot_is_seeded_and_never_the_item_itself():
 def test_mmlu_group_and_zero_shot_first_n():
     assert len(GROUPS["mmlu"]) == 57 and len(resolve_tasks("mmlu")) == 57
     (mm,) = _first("mmlu_anatomy", shots=2)
-    dev = (DATA_ROOT / "mmlu/dev/anatomy_dev.csv").read_text().splitlines()[0]
+    dev = datasets.read_text("mmlu/dev/anatomy_dev.csv").splitlines()[0]
     assert dev.split(",")[0] in mm["requests"][0][0]  # first_n: the first dev question
 
 
@@ -77,7 +78,7 @@ def test_gsm8k_extraction_matches_the_harness_on_every_gold_answer():
     from lm_eval.filters.extraction import RegexFilter
 
     (spec,) = resolve_tasks("gsm8k")
-    answers = [json.loads(x)["answer"] for x in open(DATA_ROOT / "gsm8k/test.jsonl")]
+    answers = [json.loads(x)["answer"] for x in datasets.open_text("gsm8k/test.jsonl")]
     assert len(answers) == 1319
     for f in spec.filters:
         ref = RegexFilter(f.regex, f.group_select, f.fallback).apply([[a] for a in answers], [])

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 import yaml
 from hubtest import variant
 
+from folklm import datasets
 from folklm.hub import api
 from folklm.hub.card import model_card, write_card
 from folklm.hub.transparency import INDICATORS, report
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
-ALPACA = DATA / "alpaca_tiny" / "alpaca_tiny.json"
+ALPACA = datasets.path("alpaca_tiny/alpaca_tiny.json")
 
 
 def split_card(text: str) -> tuple[dict, str]:
@@ -53,7 +52,7 @@ def family(home, tiny_models, tmp_path):
         0.31,
         0.0095,
         n_samples=2376,
-        dataset=DATA / "arc_easy" / "arc_easy.jsonl",
+        dataset=datasets.path("arc_easy/arc_easy.jsonl"),
         config={"num_fewshot": 0},
     )
     api.add_evaluation(

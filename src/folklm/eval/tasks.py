@@ -280,7 +280,11 @@ def spec_from_dict(raw: Any, origin: str, base: Path | None = None) -> TaskSpec:
             raise FolkError(f"task spec {origin}: missing required field '{key}'")
     values = dict(raw)
     for key in ("data", "fewshot_data"):
-        if isinstance(values.get(key), str) and base is not None:
+        if (
+            isinstance(values.get(key), str)
+            and base is not None
+            and not values[key].startswith("builtin:")  # a shipped file (folklm.datasets)
+        ):
             p = Path(values[key]).expanduser()
             values[key] = str(p if p.is_absolute() else (base / p))
     for key in ("until", "metrics", "regexes_to_ignore", "filters"):
