@@ -92,6 +92,11 @@ def register(app: click.Group) -> None:
     )
     @click.option("--list", "list_tasks", is_flag=True, help="List the built-in tasks.")
     @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+    @click.option(
+        "--data-dir",
+        default=None,
+        help="Folder of data sets (<set>/<file>) read before the shipped copies ($FOLK_DATA).",
+    )
     def eval_cmd(
         model,
         tasks,
@@ -106,13 +111,18 @@ def register(app: click.Group) -> None:
         compare,
         list_tasks,
         as_json,
+        data_dir,
     ) -> None:
         """Evaluate MODEL (registry name, folder or .gguf; default: the bundled model).
 
         Example: folk eval --tasks hellaswag,arc_easy --limit 200
         """
+        from folklm.datasets import data_dir as user_data_dir
+        from folklm.datasets import set_data_dir
         from folklm.eval.builtin import known_tasks, resolve_tasks
 
+        if data_dir is not None:
+            set_data_dir(data_dir)
         if list_tasks:
             names = known_tasks()
             click.echo(json.dumps(names) if as_json else "\n".join(names))
@@ -157,6 +167,7 @@ def register(app: click.Group) -> None:
             "chat": chat,
             "dtype": dtype,
             "batch_size": batch_size,
+            "data_dir": str(user_data_dir()) if user_data_dir() else None,
         }
         payload = {
             "model": label,
