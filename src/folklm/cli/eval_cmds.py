@@ -5,14 +5,38 @@ A thin front door over :mod:`folklm.eval.runner` and :mod:`folklm.eval.report`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import sys
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
 
 from folklm.errors import FolkError
+
+
+@contextlib.contextmanager
+def _task_warnings() -> Iterator[None]:
+    """Print each task-spec warning as one ``folk: warning:`` line (once per message)."""
+    from folklm.eval.tasks import TaskWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", TaskWarning)
+        try:
+            yield
+        finally:
+            seen = set()
+            for w in caught:
+                if issubclass(w.category, TaskWarning):
+                    if str(w.message) not in seen:
+                        seen.add(str(w.message))
+                        print(f"folk: warning: {w.message}", file=sys.stderr)
+                else:
+                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
 def _fmt(value, stderr) -> str:
@@ -144,21 +168,23 @@ def register(app: click.Group) -> None:
         from folklm.eval import report
         from folklm.eval.runner import evaluate, prepare
 
-        prepared = None if chat else prepare(specs, limit, shots, seed)  # bad data: fail fast
+        with _task_warnings():  # bad data: fail fast, before the model loads
+            prepared = None if chat else prepare(specs, limit, shots, seed)
         store_as, label = _model_name(model)
         t0 = time.perf_counter()
         llm = folklm.load(model, dtype=dtype)
-        results = evaluate(
-            llm,
-            specs,
-            limit=limit,
-            shots=shots,
-            batch_size=batch_size,
-            seed=seed,
-            chat=chat,
-            progress=not as_json,
-            prepared=prepared,
-        )
+        with _task_warnings():
+            results = evaluate(
+                llm,
+                specs,
+                limit=limit,
+                shots=shots,
+                batch_size=batch_size,
+                seed=seed,
+                chat=chat,
+                progress=not as_json,
+                prepared=prepared,
+            )
         seconds = time.perf_counter() - t0
         config = {
             "harness": "folklm eval",
