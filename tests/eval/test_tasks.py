@@ -250,3 +250,15 @@ def test_folk_eval_prints_the_warning_as_one_line_before_loading_the_model(tmp_p
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert lines[0].startswith("folk: warning: task ") and "same options" in lines[0]
     assert lines[1].startswith("folk: error:") and len(lines) == 2, lines
+
+
+def test_gsm8k_shots_are_drawn_as_lm_eval_draws_them_from_another_split():
+    """lm-eval's ContextSampler with no eval_doc (train != test): exactly 5 per record."""
+    from lm_eval.api.samplers import ContextSampler
+
+    train = [json.loads(line) for line in datasets.open_text("gsm8k/train.jsonl")]
+    sampler = ContextSampler(train, rnd=1234)
+    for item in _first("gsm8k", limit=4):
+        shots = sampler.sample(5, eval_doc=None)
+        want = "".join(f"Question: {d['question']}\nAnswer: {d['answer']}\n\n" for d in shots)
+        assert item["context"].startswith(want)

@@ -39,9 +39,10 @@ def build_requests(
         raise FolkError(f"--shots must be >= 0, got {k}")
     if k and spec.kind == "rolling":
         raise FolkError(f"task {spec.name}: a rolling (perplexity) task takes no shots")
-    pool = records
+    pool, same_split = records, True
     if k and spec.fewshot_data:
         pool = load_records(spec.fewshot_data, spec.format, spec.preprocess)
+        same_split = False  # the harness passes no eval_doc: exactly k are drawn
     elif k and limit is not None:
         pool = load_records(spec.data, spec.format, spec.preprocess)
     rng = random.Random(seed)
@@ -59,7 +60,8 @@ def build_requests(
                 {"text": text, "words": M.count_words(count), "bytes": len(count.encode())}
             )
             continue
-        prefix = fewshot_prefix(spec, k, pool, rng, doc) if k or spec.description else ""
+        exclude = doc if same_split else None
+        prefix = fewshot_prefix(spec, k, pool, rng, exclude) if k or spec.description else ""
 
         def wrap(ctx: str) -> str:
             return chat_template(ctx) if chat_template else ctx

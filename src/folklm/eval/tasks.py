@@ -298,17 +298,26 @@ def fewshot_prefix(
 ) -> str:
     """``description`` + ``shots`` solved examples, each followed by ``fewshot_delimiter``.
 
-    The random sampler draws with one ``random.Random(seed)`` per task, record after record,
-    as the harness's ContextSampler does; the record being evaluated is never its own shot.
+    As lm-eval 0.4's ``ContextSampler.sample`` (``lm_eval/api/samplers.py``): one
+    ``random.Random(seed)`` per task, drawn from record after record. ``exclude`` is the
+    record being evaluated when the pool is its own split (no ``fewshot_data``): then
+    ``shots + 1`` are drawn and the record removed, so it is never its own shot. From a
+    separate few-shot split (``exclude=None``, e.g. gsm8k's train) exactly ``shots`` are
+    drawn, so every prompt after the first matches the harness's too.
     """
     prefix = spec.description
     if shots == 0:
         return prefix
     if spec.fewshot_sampler == "first_n":
-        chosen = pool[:shots]
+        chosen = [d for d in pool if exclude is None or d != exclude][:shots]
+    elif exclude is None:
+        chosen = rng.sample(pool, shots) if shots <= len(pool) else []
     else:
         chosen = rng.sample(pool, min(len(pool), shots + 1))
-        chosen = [d for d in chosen if d is not exclude and d != exclude][:shots]
+        chosen = [d for d in chosen if d != exclude][:shots]
+        if len(chosen) < shots:  # the record occurs twice in the pool: the harness redraws
+            rest = [d for d in pool if d != exclude]
+            chosen = rng.sample(rest, shots) if shots <= len(rest) else chosen
     if len(chosen) < shots:
         raise FolkError(f"task {spec.name}: {shots} shots asked, {len(pool)} examples available")
     parts = []
