@@ -248,3 +248,21 @@ def _random_adapter(folder, config, rank, targets, seed, scale=0.05):
 def random_adapter():
     """``random_adapter(folder, config, rank, targets, seed, scale)`` -> adapter folder."""
     return _random_adapter
+
+
+# -- an unexpected skip fails the run where asked (CI, scripts/fresh_check.sh --suite) -------
+_SKIPPED: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _SKIPPED.append(f"{report.nodeid}: {reason}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """With ``FOLK_STRICT_SKIPS=1`` a skipped test fails the session (exit status 1), so a
+    missing reference or kernel cannot pass silently; the skips are listed."""
+    if os.environ.get("FOLK_STRICT_SKIPS") == "1" and _SKIPPED and exitstatus == 0:
+        print(f"\nFOLK_STRICT_SKIPS=1: {len(_SKIPPED)} test(s) skipped:", *_SKIPPED, sep="\n  ")
+        session.exitstatus = 1
