@@ -156,3 +156,17 @@ def test_transparency_report_scores_what_the_record_shows(family):
     assert base_status["Evaluation of capabilities"] == "unmet"
     assert base["met"] < full["met"]
     assert "Transparency report" in model_card("llama-alpaca")
+
+
+def test_an_operation_without_data_leaves_the_data_indicators_unknown(family):
+    """A merge used no data: its data is its parents', imported with unknown training data;
+    the four data indicators are 'unknown' (not 'met'), with that as evidence."""
+    rep = report(api.show("llama-merge"), api.lineage("llama-merge")).to_dict()
+    status = {i["name"]: (i["status"], i["evidence"]) for i in rep["indicators"]}
+    for name in ("Data size", "Data sources", "Data license", "Data curation"):
+        state, evidence = status[name]
+        assert state == "unknown", (name, state, evidence)
+        assert "'merge' used no data" in evidence
+        assert "llama-base:latest (import), llama-other:latest (import)" in evidence
+        assert "upstream developer" in evidence
+    assert rep["unknown"] >= 4 and "| Data size | unknown |" in model_card("llama-merge")
