@@ -115,6 +115,7 @@ def test_bad_input_writes_nothing(home, tiny_models, tmp_path):
     truncated.mkdir()
     (truncated / "config.json").write_text('{"model_type": "llama"}')
     (truncated / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    data_file = datasets.path("gsm8k/train.jsonl")  # decompressed before the snapshot
     before = snapshot(home)
     calls = [
         (lambda: api.import_path(folder, "a/b"), "contains '/'"),
@@ -124,7 +125,7 @@ def test_bad_input_writes_nothing(home, tiny_models, tmp_path):
         (lambda: api.import_path(not_a_model, "x"), "not a model (no config.json"),
         (lambda: api.import_path(truncated, "x"), "truncated or not a safetensors file"),
         (lambda: api.import_path(tmp_path / "missing", "x"), "no such file or folder"),
-        (lambda: api.import_path(datasets.path("gsm8k/train.jsonl"), "x"), "not a model"),
+        (lambda: api.import_path(data_file, "x"), "not a model"),
         (lambda: api.tag("absent:v9", "other"), "unknown model 'absent:v9'"),
         (lambda: api.tag("present", "bad name"), "contains a space"),
         (lambda: api.remove("present:v2"), "unknown model 'present:v2'"),
