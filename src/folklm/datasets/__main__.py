@@ -34,6 +34,8 @@ def main(argv: list[str]) -> int:
     except FolkError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `... list | head`
+        sys.stderr.close()
     return 0
 
 
