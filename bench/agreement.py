@@ -1,6 +1,6 @@
 """Agreement of ``folk eval`` with lm-evaluation-harness's Hugging Face backend, per item.
 
-Both score the SAME requests (folklm builds them from ../shared/data in the harness's
+Both score the SAME requests (folklm builds them from the shipped data in the harness's
 prompt format): folklm's prefix-cached scorer on the default model, and the harness's
 ``HFLM.loglikelihood`` on the same weights (the default model's converted float32 folder,
 loaded by transformers). Prints per task the largest per-request log-likelihood

@@ -1,6 +1,6 @@
 """Evaluation speed: folklm's scorer vs lm-evaluation-harness's Hugging Face backend.
 
-Same task, same requests (built once from ../shared/data), same model (the default model's
+Same task, same requests (built once from the shipped data), same model (the default model's
 float32 folder: folklm loads it, transformers loads it for the harness's ``HFLM``), same
 batch size, same process and threads. Items per second counts task records (a HellaSwag
 item is 4 requests); model loading is timed apart. Each side runs ``--repeats`` times and

@@ -23,19 +23,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "wikitext2_raw_test"
 
 
 def prompt_ids(tokenizer_encode, n: int) -> list[int]:
-    files = sorted(p for p in DATA.glob("*") if p.suffix in (".txt", ".raw", "") and p.is_file())
-    text = ""
-    for p in files:
-        if p.name.upper().startswith(("SOURCE", "README")):
-            continue
-        text = p.read_text(encoding="utf-8", errors="replace")[:20000]
-        break
-    if not text:
-        text = "The history of open language models is a history of shared work. " * 40
+    from folklm import datasets
+
+    text = datasets.read_text("wikitext2_raw_test/wiki.test.raw")[:20000]
     ids = tokenizer_encode(text)
     if len(ids) < n:
         raise SystemExit(f"prompt text too short: {len(ids)} < {n} tokens")

@@ -145,7 +145,7 @@ def llama_bench(binary: str | None, path: Path, threads: int) -> float | None:
 
 
 def models_part(threads: int, rounds: int, peer: str | None) -> dict:
-    from folklm.defaults import default_gguf_path
+    from folklm.hub.defaults import default_gguf_path
 
     files = {"smollm2-135m-q4_1": default_gguf_path()}
     qwen = qwen25_coder_q4_k_m()

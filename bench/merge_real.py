@@ -31,16 +31,17 @@ from pathlib import Path
 
 import torch
 
+from folklm import datasets
+
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-ALPACA = DATA / "alpaca_tiny" / "alpaca_tiny.json"
-SHAREGPT = DATA / "sharegpt_dummy_conversation" / "dummy_conversation.json"
+ALPACA = "alpaca_tiny/alpaca_tiny.json"  # shipped data files (folklm.datasets)
+SHAREGPT = "sharegpt_dummy_conversation/dummy_conversation.json"
 
 
 def alpaca_records(tok) -> list[list[tuple[str, bool]]]:
     """(text, trained) segments: the Alpaca prompt (not trained on), then the response."""
     out = []
-    for r in json.loads(ALPACA.read_text()):
+    for r in json.loads(datasets.read_text(ALPACA)):
         prompt = r["text"][: r["text"].index("### Response:\n") + len("### Response:\n")]
         out.append([(prompt, False), (r["output"] + tok.eos_token, True)])
     return out
@@ -49,7 +50,7 @@ def alpaca_records(tok) -> list[list[tuple[str, bool]]]:
 def sharegpt_records(tok) -> list[list[tuple[str, bool]]]:
     """ChatML turns; only the assistant's words (and its end marker) are trained on."""
     out = []
-    for r in json.loads(SHAREGPT.read_text()):
+    for r in json.loads(datasets.read_text(SHAREGPT)):
         segs = []
         for turn in r["conversations"]:
             if turn["from"] == "human":

@@ -32,9 +32,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-WIKITEXT = DATA / "wikitext2_raw_test" / "wiki.test.raw"
-CALIBRATION = DATA / "tinyshakespeare"
+WIKITEXT = "wikitext2_raw_test/wiki.test.raw"  # shipped data files (folklm.datasets)
+CALIBRATION = "tinyshakespeare/input.txt"
 # "+head": the LM head quantized too (by default it stays in bf16; embeddings always do)
 SCHEMES = [
     "int8",
@@ -58,14 +57,15 @@ def peak_rss_mb() -> float:
 
 
 def calibration_file() -> Path:
-    files = sorted(p for p in CALIBRATION.rglob("*") if p.is_file() and p.suffix != ".md")
-    if not files:
-        raise SystemExit(f"no calibration text under {CALIBRATION}")
-    return files[0]
+    from folklm import datasets
+
+    return datasets.path(CALIBRATION)
 
 
 def wikitext() -> str:
-    return WIKITEXT.read_text(encoding="utf-8")
+    from folklm import datasets
+
+    return datasets.read_text(WIKITEXT)
 
 
 # -- part 1: one process per row -------------------------------------------------------------
@@ -341,7 +341,7 @@ def main() -> None:
     if args.worker == "llama_cpp":
         print(json.dumps(worker_llama_cpp(args.target, args.max_tokens)))
         return
-    result: dict = {"data": str(WIKITEXT.relative_to(ROOT.parent)), "max_tokens": args.max_tokens}
+    result: dict = {"data": WIKITEXT, "max_tokens": args.max_tokens}
     if not args.skip_quality:
         rows = quality_table(args.max_tokens, args.schemes.split(","))
         result["quality"] = rows

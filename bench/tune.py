@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "sharegpt_dummy_conversation" / "dummy_conversation.json"
+DATA = "sharegpt_dummy_conversation/dummy_conversation.json"  # a shipped data file
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
@@ -36,7 +36,9 @@ def make_batches(model: str, steps: int, batch: int, seq: int, path: Path) -> No
     from folklm.tune.data import IGNORE, build_dataset
 
     tok = Tokenizer.from_folder(model)
-    ds = build_dataset(DATA, tok, seq, pack=True)
+    from folklm import datasets
+
+    ds = build_dataset(datasets.path(DATA), tok, seq, pack=True)
     blocks = [e for e in ds.examples if len(e.input_ids) > seq // 2]
     need = steps * batch
     blocks = (blocks * (need // len(blocks) + 1))[:need]

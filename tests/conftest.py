@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from folklm import datasets
+
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"  # the real public data sets (see its README)
 # llama.cpp's vocab files, fetched by tests/data/fetch_vocab.sh (README command (b)).
 os.environ.setdefault("FOLK_TEST_VOCAB_DIR", str(ROOT / ".cache" / "vocab"))
 # Tests never write into the user's ~/.folklm: one fresh home per test session (the bundled
@@ -138,7 +139,7 @@ def write_tiny_bpe_tokenizer(folder: Path, vocab_size: int) -> int:
     Tiny Shakespeare, with ChatML special tokens; returns its vocabulary size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-    text = (ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt").read_text()[:60000]
+    text = datasets.read_text("tinyshakespeare/input.txt")[:60000]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(False)]
@@ -247,3 +248,21 @@ def _random_adapter(folder, config, rank, targets, seed, scale=0.05):
 def random_adapter():
     """``random_adapter(folder, config, rank, targets, seed, scale)`` -> adapter folder."""
     return _random_adapter
+
+
+# -- an unexpected skip fails the run where asked (CI, scripts/fresh_check.sh --suite) -------
+_SKIPPED: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _SKIPPED.append(f"{report.nodeid}: {reason}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """With ``FOLK_STRICT_SKIPS=1`` a skipped test fails the session (exit status 1), so a
+    missing reference or kernel cannot pass silently; the skips are listed."""
+    if os.environ.get("FOLK_STRICT_SKIPS") == "1" and _SKIPPED and exitstatus == 0:
+        print(f"\nFOLK_STRICT_SKIPS=1: {len(_SKIPPED)} test(s) skipped:", *_SKIPPED, sep="\n  ")
+        session.exitstatus = 1

@@ -362,7 +362,8 @@ def hf_to_gguf_file(path: Path, model, arch: str, hp: dict) -> None:
 
 
 def tiny_hf_model(arch: str, seed: int):
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     torch.manual_seed(seed)
     cls, cfg = {
         "llama": (transformers.LlamaForCausalLM, transformers.LlamaConfig),

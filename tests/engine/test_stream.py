@@ -13,22 +13,15 @@ from __future__ import annotations
 import json
 import random
 import secrets
-from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer as RustTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
+from folklm import datasets
 from folklm.engine.text import IncrementalDetokenizer, StopMatcher
 from folklm.tokenizer import Tokenizer
 
-SHAKESPEARE = Path(__file__).resolve().parents[3] / "shared/data/tinyshakespeare/input.txt"
-FALLBACK = (  # used only where the shared data folder is absent
-    "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
-    "First Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\n"
-    "Resolved. resolved.\n\nFirst Citizen:\nFirst, you know Caius Marcius is chief enemy to "
-    "the people.\n"
-) * 20
 MULTIBYTE = [
     "héllo wörld, café naïve façade",
     "日本語のテキスト、中文字符和標點。",
@@ -39,9 +32,7 @@ MULTIBYTE = [
 
 
 def corpus() -> str:
-    if SHAKESPEARE.is_file():
-        return SHAKESPEARE.read_text(encoding="utf-8")[:40_000]
-    return FALLBACK
+    return datasets.read_text("tinyshakespeare/input.txt")[:40_000]
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """folklm inside lm-evaluation-harness: the ``folklm`` model type, and the harness's own
-task machinery over our local file agreeing with ``folk eval`` and with its HF backend."""
+task machinery (its shipped arc_easy YAML over our data) agreeing with ``folk eval`` and
+with its HF backend. Prompt equality for every built-in task: test_lm_eval_prompts.py."""
 
 from __future__ import annotations
 
@@ -14,15 +15,10 @@ HERE = Path(__file__).resolve().parent
 
 @pytest.fixture
 def harness_task(tmp_path) -> Path:
-    """The harness's task YAMLs for local files (tiny_mc, arc_easy), data paths absolute."""
-    from folklm.eval.builtin import DATA_ROOT
-
+    """The harness's task YAML for tests/eval/data/tiny_mc.jsonl, its data path absolute."""
     folder = tmp_path / "tasks"
     folder.mkdir()
-    paths = {
-        "../data/tiny_mc.jsonl": str(HERE / "data/tiny_mc.jsonl"),
-        "ARC_EASY_JSONL": str(DATA_ROOT / "arc_easy/arc_easy.jsonl"),
-    }
+    paths = {"../data/tiny_mc.jsonl": str(HERE / "data/tiny_mc.jsonl")}
     for src in (HERE / "lm_eval_tasks").glob("*.yaml"):
         text = src.read_text()
         for a, b in paths.items():
@@ -31,8 +27,8 @@ def harness_task(tmp_path) -> Path:
     return folder
 
 
-def _run(model: str, model_args: str, task: str, task_dir: Path, limit=None) -> list[dict]:
-    """simple_evaluate's (results, samples sorted by doc) for one task."""
+def _run(model: str, model_args: str, task, task_dir: Path, limit=None) -> list[dict]:
+    """simple_evaluate's (results, samples sorted by doc) for one task (a name or a Task)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -46,7 +42,8 @@ def _run(model: str, model_args: str, task: str, task_dir: Path, limit=None) -> 
         device="cpu",
         limit=limit,
     )
-    return out["results"][task], sorted(out["samples"][task], key=lambda s: s["doc_id"])
+    name = task if isinstance(task, str) else task.config.task
+    return out["results"][name], sorted(out["samples"][name], key=lambda s: s["doc_id"])
 
 
 def test_folklm_model_type_gives_folk_eval_numbers(tiny_models, harness_task):
@@ -76,16 +73,21 @@ def test_folklm_model_type_gives_folk_eval_numbers(tiny_models, harness_task):
 
 @pytest.mark.slow
 def test_harness_task_on_local_arc_easy_folklm_vs_hf_backend(harness_task):
-    """Default model, fp32: the harness's arc_easy prompts over our local file equal folk
-    eval's requests, and --model folklm and --model hf agree per item within 1e-3."""
+    """Default model, fp32: lm-eval's own arc_easy task (its shipped YAML) over our data
+    gives folk eval's requests, and --model folklm and --model hf agree per item (1e-3)."""
+    from lmeval_tasks import harness_task as lm_eval_task
+
     from folklm.eval.builtin import resolve_tasks
     from folklm.eval.runner import build_requests
     from folklm.hub.defaults import default_model_folder
 
     folder = default_model_folder()
     n = 3
-    ours, s_ours = _run("folklm", f"model={folder}", "arc_easy_local", harness_task, n)
-    hf, s_hf = _run("hf", f"pretrained={folder},dtype=float32", "arc_easy_local", harness_task, n)
+    arc = lm_eval_task("arc_easy")
+    ours, s_ours = _run("folklm", f"model={folder}", arc, harness_task, n)
+    hf, s_hf = _run(
+        "hf", f"pretrained={folder},dtype=float32", lm_eval_task("arc_easy"), harness_task, n
+    )
     _, items = build_requests(resolve_tasks("arc_easy")[0], limit=n)
     for a, b, item in zip(s_ours, s_hf, items, strict=True):
         assert [tuple(x) for x in a["arguments"]] == item["requests"]

@@ -5,18 +5,16 @@ from __future__ import annotations
 import copy
 import math
 import random
-from pathlib import Path
 
 import pytest
 import torch
 
 import folklm
+from folklm import datasets
 from folklm.errors import FolkError
 from folklm.eval import perplexity
 from folklm.eval.perplexity import _encode_prefix, windows
 from folklm.tokenizer import Tokenizer
-
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def _text(seed: int, n: int) -> str:
@@ -130,7 +128,7 @@ def test_bits_per_byte_counts_utf8_bytes(bpe_models):
 
 def test_max_tokens_uses_a_prefix_of_the_text(bpe_models):
     tok = Tokenizer.from_folder(bpe_models("llama"))
-    text = (DATA / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
+    text = datasets.read_text("tinyshakespeare/input.txt")
     ids, offsets = _encode_prefix(tok, text, 500)
     full = tok.hf.encode(text[:20000])
     assert ids == full.ids[:500] and offsets == [tuple(o) for o in full.offsets[:500]]

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from folklm import datasets
 from folklm.errors import FolkError
 from folklm.eval import metrics as M
-from folklm.eval.builtin import DATA_ROOT, GROUPS, known_tasks, resolve_tasks
+from folklm.eval.builtin import GROUPS, known_tasks, resolve_tasks
 from folklm.eval.runner import build_requests
 from folklm.eval.tasks import load_spec
 
@@ -67,7 +68,7 @@ def test_gsm8k_fewshot_is_seeded_and_never_the_item_itself():
 def test_mmlu_group_and_zero_shot_first_n():
     assert len(GROUPS["mmlu"]) == 57 and len(resolve_tasks("mmlu")) == 57
     (mm,) = _first("mmlu_anatomy", shots=2)
-    dev = (DATA_ROOT / "mmlu/dev/anatomy_dev.csv").read_text().splitlines()[0]
+    dev = datasets.read_text("mmlu/dev/anatomy_dev.csv").splitlines()[0]
     assert dev.split(",")[0] in mm["requests"][0][0]  # first_n: the first dev question
 
 
@@ -77,7 +78,7 @@ def test_gsm8k_extraction_matches_the_harness_on_every_gold_answer():
     from lm_eval.filters.extraction import RegexFilter
 
     (spec,) = resolve_tasks("gsm8k")
-    answers = [json.loads(x)["answer"] for x in open(DATA_ROOT / "gsm8k/test.jsonl")]
+    answers = [json.loads(x)["answer"] for x in datasets.open_text("gsm8k/test.jsonl")]
     assert len(answers) == 1319
     for f in spec.filters:
         ref = RegexFilter(f.regex, f.group_select, f.fallback).apply([[a] for a in answers], [])
@@ -166,3 +167,98 @@ def test_chat_template_wraps_the_prompt_and_drops_the_delimiter():
     ctx, cont = items[0]["requests"][0]
     assert ctx.startswith("<user>Question: ") and ctx.endswith("\nAnswer:</user>")
     assert cont == "Sunlight is the source of energy for nearly all ecosystems."
+
+
+# -- specs that cannot silently mislead ----------------------------------------------------
+PIQA_LIKE = [
+    {
+        "goal": "To dry wet shoes,",
+        "sol1": "stuff them with paper.",
+        "sol2": "freeze them.",
+        "label": 0,
+    },
+    {"goal": "To cut bread,", "sol1": "use a spoon.", "sol2": "use a serrated knife.", "label": 1},
+    {"goal": "To cool tea,", "sol1": "add an ice cube.", "sol2": "heat it.", "label": 0},
+]
+
+
+def _piqa_spec(tmp_path, choices: str, text: str = "Question: {{goal}}\\nAnswer:", records=None):
+    data = tmp_path / "piqa_like.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records or PIQA_LIKE))
+    spec = tmp_path / "piqa_like.yaml"
+    spec.write_text(
+        f'name: piqa_like\nkind: multiple_choice\ndata: piqa_like.jsonl\ntext: "{text}"\n'
+        f"choices: {choices}\ngold: label\n"
+    )
+    return spec
+
+
+def test_the_expression_form_gives_each_record_its_own_options(tmp_path, recwarn):
+    spec = load_spec(_piqa_spec(tmp_path, "'{{[sol1, sol2]}}'"))
+    _, items = build_requests(spec)
+    assert [c for _, c in items[1]["requests"]] == [" use a spoon.", " use a serrated knife."]
+    assert items[1]["gold"] == 1 and not [w for w in recwarn if "piqa" in str(w.message)]
+
+
+def test_a_literal_list_that_looks_like_a_template_is_refused(tmp_path):
+    with pytest.raises(FolkError) as e:
+        load_spec(_piqa_spec(tmp_path, '["{{sol1}}", "{{sol2}}"]'))
+    msg = str(e.value)
+    assert "\n" not in msg and "piqa_like.yaml: field 'choices' is a list" in msg
+    assert "'{{sol1}}' looks like a template" in msg and 'choices: "{{[sol1, sol2]}}"' in msg
+
+
+def test_identical_options_for_every_record_warn_in_one_line(tmp_path):
+    from folklm.eval.tasks import TaskWarning
+
+    spec = load_spec(_piqa_spec(tmp_path, "\"{{['sol1', 'sol2']}}\""))  # quoted: literals
+    with pytest.warns(TaskWarning) as caught:
+        build_requests(spec)
+    (w,) = [str(x.message) for x in caught]
+    assert "\n" not in w and "all 3 records got the same options ['sol1', 'sol2']" in w
+    with pytest.warns(TaskWarning, match="all 3 records got the same prompt 'goal'"):
+        build_requests(load_spec(_piqa_spec(tmp_path, "'{{[sol1, sol2]}}'", text="goal")))
+
+
+def test_a_template_that_renders_empty_is_refused(tmp_path):
+    records = [dict(r) for r in PIQA_LIKE]
+    records[2]["goal"] = " "
+    spec = load_spec(_piqa_spec(tmp_path, "'{{[sol1, sol2]}}'", text="{{goal}}", records=records))
+    with pytest.raises(FolkError, match=r"record 2: field 'text' renders empty \(template"):
+        build_requests(spec)
+    records[2]["goal"], records[1]["sol2"] = "To cool tea,", ""
+    spec = load_spec(_piqa_spec(tmp_path, "'{{[sol1, sol2]}}'", records=records))
+    with pytest.raises(FolkError, match=r"record 1: option 1 of 'choices' renders empty"):
+        build_requests(spec)
+
+
+def test_folk_eval_prints_the_warning_as_one_line_before_loading_the_model(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    spec = _piqa_spec(tmp_path, "\"{{['sol1', 'sol2']}}\"")
+    proc = subprocess.run(
+        [sys.executable, "-m", "folklm.cli.main", "eval", str(tmp_path / "no-model")]
+        + ["--tasks", str(spec), "--no-store"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ),
+    )
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("folk: warning: task ") and "same options" in lines[0]
+    assert lines[1].startswith("folk: error:") and len(lines) == 2, lines
+
+
+def test_gsm8k_shots_are_drawn_as_lm_eval_draws_them_from_another_split():
+    """lm-eval's ContextSampler with no eval_doc (train != test): exactly 5 per record."""
+    from lm_eval.api.samplers import ContextSampler
+
+    train = [json.loads(line) for line in datasets.open_text("gsm8k/train.jsonl")]
+    sampler = ContextSampler(train, rnd=1234)
+    for item in _first("gsm8k", limit=4):
+        shots = sampler.sample(5, eval_doc=None)
+        want = "".join(f"Question: {d['question']}\nAnswer: {d['answer']}\n\n" for d in shots)
+        assert item["context"].startswith(want)

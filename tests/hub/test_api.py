@@ -15,11 +15,11 @@ import torch
 from hubtest import IMPORTER, snapshot, variant
 
 import folklm
+from folklm import datasets
 from folklm.errors import FolkError
 from folklm.hub import api
 from folklm.hub.store import Store, manifest_digest, sha256_file
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 pytestmark = [
     pytest.mark.filterwarnings("ignore:no licence found"),
     pytest.mark.filterwarnings("ignore:the licence of parent"),
@@ -35,7 +35,7 @@ def test_register_model_records_the_whole_recipe(home, tiny_models, tmp_path):
     base = api.import_path(folder, "base:v1", license="apache-2.0")
     child_folder = variant(folder, tmp_path / "child", seed=1)
     started = time.time() - 2.5
-    data = [DATA / "gsm8k" / "train.jsonl"]
+    data = [datasets.path("gsm8k/train.jsonl")]
     recipe = {"method": "lora", "rank": 8, "alpha": 16, "lr": 2e-4, "epochs": 3, "batch_size": 4}
     child = api.register_model(
         child_folder,
@@ -117,6 +117,7 @@ def test_bad_input_writes_nothing(home, tiny_models, tmp_path):
     truncated.mkdir()
     (truncated / "config.json").write_text('{"model_type": "llama"}')
     (truncated / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    data_file = datasets.path("gsm8k/train.jsonl")  # decompressed before the snapshot
     before = snapshot(home)
     calls = [
         (lambda: api.import_path(folder, "a/b"), "contains '/'"),
@@ -126,7 +127,7 @@ def test_bad_input_writes_nothing(home, tiny_models, tmp_path):
         (lambda: api.import_path(not_a_model, "x"), "not a model (no config.json"),
         (lambda: api.import_path(truncated, "x"), "truncated or not a safetensors file"),
         (lambda: api.import_path(tmp_path / "missing", "x"), "no such file or folder"),
-        (lambda: api.import_path(DATA / "gsm8k" / "train.jsonl", "x"), "not a model"),
+        (lambda: api.import_path(data_file, "x"), "not a model"),
         (lambda: api.tag("absent:v9", "other"), "unknown model 'absent:v9'"),
         (lambda: api.tag("present", "bad name"), "contains a space"),
         (lambda: api.remove("present:v2"), "unknown model 'present:v2'"),
@@ -232,7 +233,7 @@ def test_gc_removes_orphans_and_stale_temporary_files(home, tiny_models, tmp_pat
 def test_evaluations_are_attached_to_the_model(home, tiny_models):
     _, folder = tiny_models("llama")
     api.import_path(folder, "evald")
-    arc = DATA / "arc_easy" / "arc_easy.jsonl"
+    arc = datasets.path("arc_easy/arc_easy.jsonl")
     rec = api.add_evaluation(
         "evald",
         "arc_easy",

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 import yaml
 from hubtest import variant
 
+from folklm import datasets
 from folklm.hub import api
 from folklm.hub.card import model_card, write_card
 from folklm.hub.transparency import INDICATORS, report
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
-ALPACA = DATA / "alpaca_tiny" / "alpaca_tiny.json"
+ALPACA = datasets.path("alpaca_tiny/alpaca_tiny.json")
 
 
 def split_card(text: str) -> tuple[dict, str]:
@@ -55,7 +54,7 @@ def family(home, tiny_models, tmp_path):
         0.31,
         0.0095,
         n_samples=2376,
-        dataset=DATA / "arc_easy" / "arc_easy.jsonl",
+        dataset=datasets.path("arc_easy/arc_easy.jsonl"),
         config={"num_fewshot": 0},
     )
     api.add_evaluation(
@@ -159,3 +158,17 @@ def test_transparency_report_scores_what_the_record_shows(family):
     assert base_status["Evaluation of capabilities"] == "unmet"
     assert base["met"] < full["met"]
     assert "Transparency report" in model_card("llama-alpaca")
+
+
+def test_an_operation_without_data_leaves_the_data_indicators_unknown(family):
+    """A merge used no data: its data is its parents', imported with unknown training data;
+    the four data indicators are 'unknown' (not 'met'), with that as evidence."""
+    rep = report(api.show("llama-merge"), api.lineage("llama-merge")).to_dict()
+    status = {i["name"]: (i["status"], i["evidence"]) for i in rep["indicators"]}
+    for name in ("Data size", "Data sources", "Data license", "Data curation"):
+        state, evidence = status[name]
+        assert state == "unknown", (name, state, evidence)
+        assert "'merge' used no data" in evidence
+        assert "llama-base:latest (import), llama-other:latest (import)" in evidence
+        assert "upstream developer" in evidence
+    assert rep["unknown"] >= 4 and "| Data size | unknown |" in model_card("llama-merge")

@@ -1,4 +1,4 @@
-"""Licence rules with real licence texts and the real data sets in ../shared/data.
+"""Licence rules with real licence texts and the real data sets shipped in folklm.datasets.
 
 The licence texts below are the opening lines of the published agreements (Meta's Llama
 2/3/3.1/3.2 community licences, Google's Gemma Terms of Use, the Apache and MIT licences,
@@ -8,10 +8,10 @@ Creative Commons' NC 4.0 legal code), which is what a model folder's LICENSE fil
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import pytest
 
+from folklm import datasets
 from folklm.hub import api
 from folklm.hub.license_files import data_license, front_matter, model_license
 from folklm.hub.licenses import (
@@ -25,8 +25,7 @@ from folklm.hub.licenses import (
     mentioned,
 )
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
-ALPACA = sorted((DATA / "alpaca_tiny").glob("*"))
+ALPACA = sorted(datasets.path("alpaca_tiny/alpaca_tiny.json").parent.glob("*"))
 
 TEXTS = {
     "llama2": "LLAMA 2 COMMUNITY LICENSE AGREEMENT\nLlama 2 Version Release Date: July 18, 2023\n\n"
@@ -93,13 +92,13 @@ def test_model_licence_from_readme_front_matter_and_license_file(tmp_path):
 
 
 def test_data_licences_are_read_from_the_real_source_files():
-    alpaca = data_license(DATA / "alpaca_tiny" / "alpaca_tiny.json")
+    alpaca = data_license(datasets.path("alpaca_tiny/alpaca_tiny.json"))
     # torchtune's copy is BSD-3-Clause; the upstream Alpaca data is CC BY-NC 4.0: both apply.
     assert alpaca.ids == ["bsd-3-clause", "cc-by-nc-4.0"]
     assert "SOURCE.md" in alpaca.source and "github.com/pytorch/torchtune" in alpaca.description
-    wikitext = data_license(DATA / "wikitext2_raw_test" / "wiki.test.raw")
+    wikitext = data_license(datasets.path("wikitext2_raw_test/wiki.test.raw"))
     assert set(wikitext.ids) >= {"cc-by-sa-3.0", "gfdl"}
-    assert data_license(DATA / "gsm8k" / "train.jsonl").ids == ["mit"]
+    assert data_license(datasets.path("gsm8k/train.jsonl")).ids == ["mit"]
     assert [lic.id for lic in mentioned("Upstream: CC BY-SA 4.0 (AI2 ARC)")] == ["cc-by-sa-4.0"]
 
 
@@ -148,7 +147,7 @@ def test_naming_clause_of_llama_3():
 
 def test_llama3_model_tuned_on_alpaca_is_non_commercial_with_naming_warning(home, tiny_models):
     """The real example: a model imported with --license llama3, then "tuned" on
-    ../shared/data/alpaca_tiny/* (whose SOURCE.md states CC BY-NC 4.0 upstream)."""
+    folklm.datasets' alpaca_tiny/* (whose SOURCE.md states CC BY-NC 4.0 upstream)."""
     _, folder = tiny_models("llama")
     base = api.import_path(folder, "base-llama:8b", license="llama3")
     assert base.license["expression"] == "llama3" and base.license["commercial"] is True

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import peft
 import pytest
 import torch
 from mergetest import folk_json, write_yaml
 from safetensors.torch import load_file
-
-peft = pytest.importorskip("peft")
 
 
 def _adapter(base_folder, out, use_dora: bool, seed: int):

@@ -3,13 +3,12 @@ the same YAML recipe on the same tiny random models gives the same tensors."""
 
 from __future__ import annotations
 
+import mergekit  # noqa: F401  (the reference: missing must fail, not skip)
 import pytest
 import torch
 import yaml
 from mergetest import folk_json, write_yaml
 from safetensors.torch import load_file
-
-pytest.importorskip("mergekit")
 
 RECIPES = {
     "linear": """

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+from folklm import datasets
 
 
 @pytest.fixture(scope="session")
 def wikitext() -> str:
-    return (DATA / "wikitext2_raw_test" / "wiki.test.raw").read_text(encoding="utf-8")
+    return datasets.read_text("wikitext2_raw_test/wiki.test.raw")
 
 
 @pytest.fixture(scope="session")

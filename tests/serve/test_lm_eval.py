@@ -1,5 +1,5 @@
 """lm-evaluation-harness's ``local-completions`` model scores a log-likelihood task
-(ARC-Easy, the first items of the shared copy) against ``folk serve``, and gets the same
+(ARC-Easy, the first items of the shipped copy) against ``folk serve``, and gets the same
 per-choice log-likelihoods and accuracy as lm-eval's own ``hf`` (transformers) backend on
 the same model folder."""
 
@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-lm_eval = pytest.importorskip("lm_eval")
+from folklm import datasets
 
-ROOT = Path(__file__).resolve().parents[2]
-ARC = ROOT.parent / "shared" / "data" / "arc_easy" / "arc_easy.jsonl"
+ARC = datasets.path("arc_easy/arc_easy.jsonl")
 LIMIT = 24
 
 TASK = """task: folk_arc_easy
@@ -51,7 +50,6 @@ def loglikelihoods(result: dict) -> list[float]:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not ARC.is_file(), reason="needs ../shared/data/arc_easy")
 def test_local_completions_arc_easy(default_server, tmp_path):
     from folklm.hub.defaults import default_model_folder
 

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from folklm import datasets
+
 ROOT = Path(__file__).resolve().parents[2]
-DATA = ROOT.parent / "shared" / "data"
-SHAREGPT = DATA / "sharegpt_dummy_conversation" / "dummy_conversation.json"
-ALPACA = DATA / "alpaca_tiny" / "alpaca_tiny.json"
-HH = DATA / "hh_rlhf_harmless_base_test" / "harmless-base" / "test.jsonl.gz"
+SHAREGPT = datasets.path("sharegpt_dummy_conversation/dummy_conversation.json")
+ALPACA = datasets.path("alpaca_tiny/alpaca_tiny.json")
+HH = datasets.path("hh_rlhf_harmless_base_test/harmless-base/test.jsonl.gz")
 
 
 @pytest.fixture

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import gzip
 import json
-from pathlib import Path
 
 import pytest
 
+from folklm import datasets
 from folklm.errors import FolkError
 from folklm.tokenizer import Tokenizer
 from folklm.tune.data import IGNORE, build_dataset, detect_format, encode_chat, read_records
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
-SHAREGPT = DATA / "sharegpt_dummy_conversation" / "dummy_conversation.json"
-ALPACA = DATA / "alpaca_tiny" / "alpaca_tiny.json"
-HH = DATA / "hh_rlhf_harmless_base_test" / "harmless-base" / "test.jsonl.gz"
+SHAREGPT = datasets.path("sharegpt_dummy_conversation/dummy_conversation.json")
+ALPACA = datasets.path("alpaca_tiny/alpaca_tiny.json")
+HH = datasets.path("hh_rlhf_harmless_base_test/harmless-base/test.jsonl.gz")
 
 # SmolLM2's own template with transformers' {% generation %} marks around assistant text.
 MARKED = (

@@ -6,6 +6,7 @@ import copy
 import gzip
 import json
 
+import peft
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,8 +18,6 @@ from folklm.tune.dpo import DPOTask, dpo_terms
 from folklm.tune.lora import adapter_state, apply_lora
 
 from .conftest import HH, folk
-
-peft = pytest.importorskip("peft")
 
 
 def _ref_logp(logits: torch.Tensor, ids: torch.Tensor, start: int, end: int) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import peft
 import pytest
 import torch
 from torch import nn
@@ -21,8 +22,6 @@ from folklm.tune.lora import (
     resolve_targets,
     set_adapters_enabled,
 )
-
-peft = pytest.importorskip("peft")
 
 IDS = torch.tensor([[5, 17, 3, 99, 42, 7, 64, 11], [1, 2, 3, 4, 5, 6, 7, 8]])
 

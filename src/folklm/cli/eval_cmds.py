@@ -5,14 +5,38 @@ A thin front door over :mod:`folklm.eval.runner` and :mod:`folklm.eval.report`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import sys
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
 
 from folklm.errors import FolkError
+
+
+@contextlib.contextmanager
+def _task_warnings() -> Iterator[None]:
+    """Print each task-spec warning as one ``folk: warning:`` line (once per message)."""
+    from folklm.eval.tasks import TaskWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", TaskWarning)
+        try:
+            yield
+        finally:
+            seen = set()
+            for w in caught:
+                if issubclass(w.category, TaskWarning):
+                    if str(w.message) not in seen:
+                        seen.add(str(w.message))
+                        print(f"folk: warning: {w.message}", file=sys.stderr)
+                else:
+                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
 def _fmt(value, stderr) -> str:
@@ -90,6 +114,11 @@ def register(app: click.Group) -> None:
     )
     @click.option("--list", "list_tasks", is_flag=True, help="List the built-in tasks.")
     @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+    @click.option(
+        "--data-dir",
+        default=None,
+        help="Folder of data sets (<set>/<file>) read before the shipped copies ($FOLK_DATA).",
+    )
     def eval_cmd(
         model,
         tasks,
@@ -104,14 +133,19 @@ def register(app: click.Group) -> None:
         compare,
         list_tasks,
         as_json,
+        data_dir,
     ) -> None:
         """Evaluate MODEL (registry name, folder or .gguf; default: the bundled model).
 
         Example: folk eval --tasks hellaswag,arc_easy --limit 200
         """
         # lazy: imports torch; `folk --help` and the hub commands start without it
+        from folklm.datasets import data_dir as user_data_dir
+        from folklm.datasets import set_data_dir
         from folklm.eval.builtin import known_tasks, resolve_tasks
 
+        if data_dir is not None:
+            set_data_dir(data_dir)
         if list_tasks:
             names = known_tasks()
             click.echo(json.dumps(names) if as_json else "\n".join(names))
@@ -134,21 +168,23 @@ def register(app: click.Group) -> None:
         from folklm.eval import report
         from folklm.eval.runner import evaluate, prepare
 
-        prepared = None if chat else prepare(specs, limit, shots, seed)  # bad data: fail fast
+        with _task_warnings():  # bad data: fail fast, before the model loads
+            prepared = None if chat else prepare(specs, limit, shots, seed)
         store_as, label = _model_name(model)
         t0 = time.perf_counter()
         llm = folklm.load(model, dtype=dtype)
-        results = evaluate(
-            llm,
-            specs,
-            limit=limit,
-            shots=shots,
-            batch_size=batch_size,
-            seed=seed,
-            chat=chat,
-            progress=not as_json,
-            prepared=prepared,
-        )
+        with _task_warnings():
+            results = evaluate(
+                llm,
+                specs,
+                limit=limit,
+                shots=shots,
+                batch_size=batch_size,
+                seed=seed,
+                chat=chat,
+                progress=not as_json,
+                prepared=prepared,
+            )
         seconds = time.perf_counter() - t0
         config = {
             "harness": "folklm eval",
@@ -157,6 +193,7 @@ def register(app: click.Group) -> None:
             "chat": chat,
             "dtype": dtype,
             "batch_size": batch_size,
+            "data_dir": str(user_data_dir()) if user_data_dir() else None,
         }
         payload = {
             "model": label,

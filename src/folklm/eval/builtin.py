@@ -1,22 +1,18 @@
-"""The built-in tasks over ``../shared/data``, each in lm-evaluation-harness's prompt format.
+"""The built-in tasks over the shipped data (``folklm.datasets``), in lm-eval's prompt format.
 
 Each spec cites the harness task it follows (``lm_eval/tasks/<task>/*.yaml``, v0.4). The
-data files are re-formatted copies (see each data folder's SOURCE.md), so the templates
-read their field names; the prompt text is the harness's.
+data files are re-formatted copies (see each data set's SOURCE.md), so the templates
+read their field names; the prompt text is the harness's. ``data: builtin:<set>/<file>``
+is resolved when the records are read (``$FOLK_DATA`` first, then the shipped copy).
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
+from folklm.datasets import SCHEME
 from folklm.errors import FolkError
 from folklm.eval.tasks import Filter, TaskSpec, load_spec
-
-# <repo>/src/folklm/eval/builtin.py -> <repo>/../shared/data
-DATA_ROOT = Path(
-    os.environ.get("FOLK_EVAL_DATA") or Path(__file__).resolve().parents[4] / "shared" / "data"
-)
 
 MMLU_SUBJECTS = """abstract_algebra anatomy astronomy business_ethics clinical_knowledge
 college_biology college_chemistry college_computer_science college_mathematics college_medicine
@@ -33,7 +29,7 @@ public_relations security_studies sociology us_foreign_policy virology world_rel
 
 
 def _d(rel: str) -> str:
-    return str(DATA_ROOT / rel)
+    return SCHEME + rel
 
 
 def _arc(name: str) -> TaskSpec:  # lm_eval/tasks/arc/arc_easy.yaml

@@ -18,13 +18,19 @@ import re
 from pathlib import Path
 from typing import Any
 
+from folklm import datasets
 from folklm.errors import FolkError
 
 FORMATS = ("jsonl", "hellaswag_txt", "mmlu_csv", "wikitext_raw", "text_blocks")
 
 
 def read_records(path: str | Path, fmt: str) -> list[dict[str, Any]]:
-    """The records of a data file in format ``fmt`` (one of ``FORMATS``)."""
+    """The records of a data file in format ``fmt`` (one of ``FORMATS``).
+
+    ``builtin:<set>/<file>`` names a shipped data file (see :mod:`folklm.datasets`).
+    """
+    if str(path).startswith(datasets.SCHEME):
+        path = datasets.path(str(path))
     p = Path(path).expanduser()
     if fmt not in FORMATS:
         raise FolkError(f"{p}: unknown data format {fmt!r} (known: {', '.join(FORMATS)})")

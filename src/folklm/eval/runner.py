@@ -17,7 +17,7 @@ from folklm.eval import metrics as M
 from folklm.eval.data import load_records
 from folklm.eval.progress import bar
 from folklm.eval.scorer import Scorer
-from folklm.eval.tasks import TaskSpec, fewshot_prefix
+from folklm.eval.tasks import TaskSpec, check_uniform, fewshot_prefix
 
 FEWSHOT_SEED = 1234  # the harness's default fewshot_random_seed
 
@@ -40,50 +40,60 @@ def build_requests(
         raise FolkError(f"--shots must be >= 0, got {k}")
     if k and spec.kind == "rolling":
         raise FolkError(f"task {spec.name}: a rolling (perplexity) task takes no shots")
-    pool = records
+    pool, same_split = records, True
     if k and spec.fewshot_data:
         pool = load_records(spec.fewshot_data, spec.format, spec.preprocess)
+        same_split = False  # the harness passes no eval_doc: exactly k are drawn
     elif k and limit is not None:
         pool = load_records(spec.data, spec.format, spec.preprocess)
     rng = random.Random(seed)
     delim = spec.target_delimiter if chat_template is None else ""
-    items = []
+    items: list[dict[str, Any]] = []
+    texts: list[str] = []  # per record, for check_uniform
+    all_options: list[list[str]] = []
     for n, doc in enumerate(records):
         where = f"{Path(spec.data).name} record {n}"
         if spec.kind == "rolling":
             text = spec.doc_text(doc, where)
+            texts.append(text)
             count = doc.get("count_text", text)
             items.append(
                 {"text": text, "words": M.count_words(count), "bytes": len(count.encode())}
             )
             continue
-        prefix = fewshot_prefix(spec, k, pool, rng, doc) if k or spec.description else ""
+        exclude = doc if same_split else None
+        prefix = fewshot_prefix(spec, k, pool, rng, exclude) if k or spec.description else ""
 
         def wrap(ctx: str) -> str:
             return chat_template(ctx) if chat_template else ctx
 
         if spec.kind == "multiple_choice":
             options = spec.doc_choices(doc, where)
+            all_options.append(options)
             gold = spec.gold_index(doc, where)
             if spec.contexts is not None:
                 cont = delim + str(spec.doc_target(doc, where))
                 reqs = [(wrap(prefix + c), cont) for c in options]
                 lengths = [len(cont)] * len(options)  # acc_norm divides by the choice text
             else:
-                ctx = wrap(prefix + spec.doc_text(doc, where))
+                texts.append(spec.doc_text(doc, where))
+                ctx = wrap(prefix + texts[-1])
                 reqs = [(ctx, delim + o) for o in options]
                 lengths = [len(o) for o in options]
             items.append({"requests": reqs, "gold": gold, "lengths": lengths})
         elif spec.kind == "loglikelihood":
-            ctx = wrap(prefix + spec.doc_text(doc, where))
+            texts.append(spec.doc_text(doc, where))
+            ctx = wrap(prefix + texts[-1])
             items.append({"requests": [(ctx, str(spec.doc_target(doc, where)))]})
         else:
+            texts.append(spec.doc_text(doc, where))
             items.append(
                 {
-                    "context": wrap(prefix + spec.doc_text(doc, where)),
+                    "context": wrap(prefix + texts[-1]),
                     "reference": str(spec.doc_target(doc, where)),
                 }
             )
+    check_uniform(spec, texts, all_options)
     return records, items
 
 

@@ -10,6 +10,12 @@ partial-scoring tasks such as Winogrande; each option is scored as
 ``text + target_delimiter + answer`` joined by ``fewshot_delimiter`` after the
 ``description``. Templates are Jinja (sandboxed) over the record's fields.
 
+``choices`` is either a YAML list of literal strings, the same for every record
+(``["no", "yes"]``), or ONE string: a field name or a Jinja expression giving a list per
+record (``"{{[sol1, sol2]}}"``). A list whose items look like templates is refused, since
+each item would be taken literally; a template that renders empty is refused; a task whose
+records all get the same options or the same prompt gets a one-line :class:`TaskWarning`.
+
 Task kinds:
     multiple_choice  log-likelihood of each option; acc and acc_norm (per-character).
                      ``contexts`` + ``target``: one continuation after each context.
@@ -23,6 +29,7 @@ Task kinds:
 from __future__ import annotations
 
 import random
+import warnings
 from dataclasses import dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
@@ -42,6 +49,10 @@ DEFAULT_METRICS = {
     "generate": ["exact_match"],
 }
 _ENV = SandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+
+
+class TaskWarning(UserWarning):
+    """A task spec that runs but probably does not measure what its author meant."""
 
 
 @dataclass
@@ -141,6 +152,15 @@ class TaskSpec:
         for key in ("text", "description", "target_delimiter", "fewshot_delimiter"):
             if not isinstance(getattr(self, key), str):
                 raise FolkError(f"{where}: field '{key}' must be a string")
+        if isinstance(self.choices, (list, tuple)):
+            looks = [c for c in self.choices if isinstance(c, str) and ("{{" in c or "{%" in c)]
+            if looks:
+                fields_ = ", ".join(x.strip("{} ") for x in looks)
+                raise FolkError(
+                    f"{where}: field 'choices' is a list, so its items are literal strings, "
+                    f"but {looks[0]!r} looks like a template; for options taken from each "
+                    f'record write one expression: choices: "{{{{[{fields_}]}}}}"'
+                )
         try:  # compile now: a template error is a spec error, not a record error
             self._templates  # noqa: B018
         except jinja2.TemplateError as e:
@@ -172,14 +192,27 @@ class TaskSpec:
             raise FolkError(f"{where}: cannot build '{key}': {_msg(e)}") from None
 
     def doc_text(self, doc: dict[str, Any], where: str) -> str:
-        return self._eval("text", doc, where)
+        text = self._eval("text", doc, where)
+        if self.text and not text.strip():
+            raise FolkError(
+                f"{where}: field 'text' renders empty (template {self.text!r}); "
+                "the record's field is empty or the template names the wrong one"
+            )
+        return text
 
     def doc_choices(self, doc: dict[str, Any], where: str) -> list[str]:
         key = "contexts" if self.contexts is not None else "choices"
         value = self._eval(key, doc, where)
         if not isinstance(value, (list, tuple)) or not value:
             raise FolkError(f"{where}: '{key}' must give a non-empty list, got {value!r}")
-        return [str(v) for v in value]
+        out = [str(v) for v in value]
+        empty = [i for i, v in enumerate(out) if not v.strip()]
+        if empty:
+            raise FolkError(
+                f"{where}: option {empty[0]} of '{key}' renders empty "
+                f"(from {getattr(self, key)!r}): {out!r}"
+            )
+        return out
 
     def doc_target(self, doc: dict[str, Any], where: str) -> Any:
         value = self._eval("target", doc, where)
@@ -213,6 +246,31 @@ class TaskSpec:
         return self.doc_text(doc, where), str(self.doc_target(doc, where))
 
 
+def check_uniform(spec: TaskSpec, texts: list[str], options: list[list[str]]) -> None:
+    """Warn (one line, :class:`TaskWarning`) when every record got the same options from a
+    per-record ``choices`` expression, or the same prompt from ``text``: such a task scores
+    the model on one question, whatever its data holds."""
+    if len(texts) < 2 and len(options) < 2:
+        return
+    source = spec.contexts if spec.contexts is not None else spec.choices
+    if len(options) >= 2 and isinstance(source, str) and all(o == options[0] for o in options):
+        warnings.warn(
+            f"task {spec.where}: all {len(options)} records got the same options "
+            f"{options[0]!r} from choices {source!r}; if they should come from each record, "
+            'name its fields in one expression, e.g. choices: "{{[sol1, sol2]}}"',
+            TaskWarning,
+            stacklevel=3,
+        )
+    if len(texts) >= 2 and spec.text and all(t == texts[0] for t in texts):
+        warnings.warn(
+            f"task {spec.where}: all {len(texts)} records got the same prompt "
+            f"{texts[0][:60]!r} from text {spec.text!r}; insert a record's field as "
+            "{{field}}",
+            TaskWarning,
+            stacklevel=3,
+        )
+
+
 def _msg(e: Exception) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
@@ -241,17 +299,26 @@ def fewshot_prefix(
 ) -> str:
     """``description`` + ``shots`` solved examples, each followed by ``fewshot_delimiter``.
 
-    The random sampler draws with one ``random.Random(seed)`` per task, record after record,
-    as the harness's ContextSampler does; the record being evaluated is never its own shot.
+    As lm-eval 0.4's ``ContextSampler.sample`` (``lm_eval/api/samplers.py``): one
+    ``random.Random(seed)`` per task, drawn from record after record. ``exclude`` is the
+    record being evaluated when the pool is its own split (no ``fewshot_data``): then
+    ``shots + 1`` are drawn and the record removed, so it is never its own shot. From a
+    separate few-shot split (``exclude=None``, e.g. gsm8k's train) exactly ``shots`` are
+    drawn, so every prompt after the first matches the harness's too.
     """
     prefix = spec.description
     if shots == 0:
         return prefix
     if spec.fewshot_sampler == "first_n":
-        chosen = pool[:shots]
+        chosen = [d for d in pool if exclude is None or d != exclude][:shots]
+    elif exclude is None:
+        chosen = rng.sample(pool, shots) if shots <= len(pool) else []
     else:
         chosen = rng.sample(pool, min(len(pool), shots + 1))
-        chosen = [d for d in chosen if d is not exclude and d != exclude][:shots]
+        chosen = [d for d in chosen if d != exclude][:shots]
+        if len(chosen) < shots:  # the record occurs twice in the pool: the harness redraws
+            rest = [d for d in pool if d != exclude]
+            chosen = rng.sample(rest, shots) if shots <= len(rest) else chosen
     if len(chosen) < shots:
         raise FolkError(f"task {spec.name}: {shots} shots asked, {len(pool)} examples available")
     parts = []
@@ -281,7 +348,11 @@ def spec_from_dict(raw: Any, origin: str, base: Path | None = None) -> TaskSpec:
             raise FolkError(f"task spec {origin}: missing required field '{key}'")
     values = dict(raw)
     for key in ("data", "fewshot_data"):
-        if isinstance(values.get(key), str) and base is not None:
+        if (
+            isinstance(values.get(key), str)
+            and base is not None
+            and not values[key].startswith("builtin:")  # a shipped file (folklm.datasets)
+        ):
             p = Path(values[key]).expanduser()
             values[key] = str(p if p.is_absolute() else (base / p))
     for key in ("until", "metrics", "regexes_to_ignore", "filters"):

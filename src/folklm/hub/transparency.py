@@ -43,20 +43,36 @@ def _upstream(e: Entry, what: str) -> tuple[str, str]:
     return UNKNOWN, f"{what} belongs to the upstream developer (imported model)"
 
 
-def _data_size(e: Entry, _: LineageNode) -> tuple[str, str]:
+def _roots(tree: LineageNode) -> list[LineageNode]:
+    if not tree.parents:
+        return [tree]
+    return [r for p in tree.parents for r in _roots(p)]
+
+
+def _no_data(e: Entry, tree: LineageNode) -> tuple[str, str]:
+    """An operation that used no data (quantize, merge, export) carries its ancestors' data:
+    at the roots of every lineage is an imported model whose training data is upstream."""
+    roots = sorted({f"{r.name} ({r.operation})" for r in _roots(tree)})
+    return UNKNOWN, (
+        f"'{e.operation}' used no data, so the model's data is its ancestors'; it goes back to "
+        f"{', '.join(roots)}, whose training data belongs to the upstream developer"
+    )
+
+
+def _data_size(e: Entry, tree: LineageNode) -> tuple[str, str]:
     if _imported(e):
         return _upstream(e, "the training data")
     if not e.data_files:
-        return MET, f"no data used by '{e.operation}'"
+        return _no_data(e, tree)
     total = sum(d["size"] for d in e.data_files)
     return MET, f"{len(e.data_files)} data file(s), {total:,} bytes"
 
 
-def _data_sources(e: Entry, _: LineageNode) -> tuple[str, str]:
+def _data_sources(e: Entry, tree: LineageNode) -> tuple[str, str]:
     if _imported(e):
         return _upstream(e, "the training data")
     if not e.data_files:
-        return MET, f"no data used by '{e.operation}'"
+        return _no_data(e, tree)
     named = [d for d in e.data_files if d.get("source")]
     listed = "; ".join(f"{d['name']} (sha256:{d['sha256'][:12]})" for d in e.data_files)
     if len(named) == len(e.data_files):
@@ -64,22 +80,22 @@ def _data_sources(e: Entry, _: LineageNode) -> tuple[str, str]:
     return UNMET, f"files hashed ({listed}) but no SOURCE.md/README says where they come from"
 
 
-def _data_license(e: Entry, _: LineageNode) -> tuple[str, str]:
+def _data_license(e: Entry, tree: LineageNode) -> tuple[str, str]:
     if _imported(e):
         return _upstream(e, "the training data")
     if not e.data_files:
-        return MET, f"no data used by '{e.operation}'"
+        return _no_data(e, tree)
     missing = [d["name"] for d in e.data_files if not d.get("license")]
     if missing:
         return UNMET, "no licence recorded for " + ", ".join(missing)
     return MET, "; ".join(f"{d['name']}: {d['license']}" for d in e.data_files)
 
 
-def _data_curation(e: Entry, _: LineageNode) -> tuple[str, str]:
+def _data_curation(e: Entry, tree: LineageNode) -> tuple[str, str]:
     if _imported(e):
         return _upstream(e, "data curation")
     if not e.data_files:
-        return MET, f"no data used by '{e.operation}'"
+        return _no_data(e, tree)
     keys = [k for k in ("data", "template", "max_seq_len", "packing", "filter") if k in e.recipe]
     if keys:
         return MET, "recipe records " + ", ".join(keys)
