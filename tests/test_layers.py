@@ -28,6 +28,7 @@ LAYERS = {
     "tokenizer": 0,
     "kernels": 0,
     "version": 0,
+    "datasets": 0,  # the shipped data files and their reader (no folklm imports)
     # 1: file formats
     "checkpoint": 1,
     # 2: load a path into a model, decode

@@ -22,7 +22,7 @@ from folklm.errors import FolkError
 @contextlib.contextmanager
 def _task_warnings() -> Iterator[None]:
     """Print each task-spec warning as one ``folk: warning:`` line (once per message)."""
-    from folklm.eval.tasks import TaskWarning
+    from folklm.eval.tasks import TaskWarning  # lazy: imports torch
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", TaskWarning)
