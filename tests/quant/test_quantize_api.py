@@ -40,8 +40,8 @@ def _calibration(seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("scheme", [*RUNNABLE, "gptq-int4-g32"])
 def test_quantize_swaps_linears_and_records_the_scheme(tiny_models, seed, scheme):
     _, folder = tiny_models("llama")
-    ref_llm = folklm.load(folder, fast=False)
-    llm = folklm.load(folder, fast=False)
+    ref_llm = folklm.load(folder, fast=False, dtype="float32")
+    llm = folklm.load(folder, fast=False, dtype="float32")
     calib = _calibration(seed) if scheme.startswith("gptq") else None
     assert quantize(llm, scheme, calibration=calib, progress=False) is llm
     cls = RUNNABLE.get(scheme, Int4Linear)
@@ -68,11 +68,11 @@ def test_gptq_end_to_end_beats_round_to_nearest(tiny_models):
     """On the tiny model, GPTQ's logits (on its own calibration tokens) are closer to the
     float model's than plain int4's at the same group size."""
     _, folder = tiny_models("llama")
-    ref = folklm.load(folder, fast=False).model
+    ref = folklm.load(folder, fast=False, dtype="float32").model
     calib = _calibration(7)
     errs = {}
     for scheme in ("int4-g32", "gptq-int4-g32"):
-        llm = folklm.load(folder, fast=False)
+        llm = folklm.load(folder, fast=False, dtype="float32")
         quantize(llm, scheme, calibration=calib if "gptq" in scheme else None, progress=False)
         with torch.no_grad():
             errs[scheme] = rel_err(llm.model(calib), ref(calib))
@@ -94,7 +94,7 @@ def test_save_load_round_trip_gives_identical_outputs(
     tiny_models, tmp_path, seed, family, scheme, keep_head
 ):
     _, folder = tiny_models(family)
-    llm = folklm.load(folder, fast=False)
+    llm = folklm.load(folder, fast=False, dtype="float32")
     quantize(llm, scheme, keep_embeddings_and_head=keep_head, progress=False)
     assert isinstance(llm.model.lm_head, QuantizedLinear) is not keep_head
     state = quantized_state_dict(llm)
@@ -120,7 +120,7 @@ def test_save_load_round_trip_gives_identical_outputs(
 
 def test_load_rejects_a_mismatching_checkpoint(tiny_models, tmp_path):
     _, folder = tiny_models("llama")
-    llm = folklm.load(folder, fast=False)
+    llm = folklm.load(folder, fast=False, dtype="float32")
     quantize(llm, "int4-g32", progress=False)
     state = quantized_state_dict(llm)
     del state["model.layers.1.mlp.up_proj.zeros"]
@@ -142,7 +142,7 @@ def _one_line_error(call) -> str:
 
 def test_bad_input_gives_one_line_errors(tiny_models):
     _, folder = tiny_models("llama")
-    llm = folklm.load(folder, fast=False)
+    llm = folklm.load(folder, fast=False, dtype="float32")
     msg = _one_line_error(lambda: quantize(llm, "int3", progress=False))
     assert "int3" in msg and all(s in msg for s in SCHEMES)
     # 96 inputs (down_proj) are not a multiple of 64; nothing is changed
@@ -158,8 +158,10 @@ def test_bad_input_gives_one_line_errors(tiny_models):
     quantize(llm, "int8", progress=False)
     msg = _one_line_error(lambda: quantize(llm, "int4-g32", progress=False))
     assert "already quantized" in msg
-    packed = folklm.load(folder)  # fast=True: packed, fused layers
+    packed = folklm.load(folder, dtype="float32")  # fast=True: packed, fused layers
     msg = _one_line_error(lambda: quantize(packed, "int8", progress=False))
     assert "fast=False" in msg
-    msg = _one_line_error(lambda: quantized_state_dict(folklm.load(folder, fast=False)))
+    msg = _one_line_error(
+        lambda: quantized_state_dict(folklm.load(folder, fast=False, dtype="float32"))
+    )
     assert "not quantized" in msg

@@ -21,6 +21,7 @@ from folklm.checkpoint.hf import (
     read_weights,
 )
 from folklm.config import ModelConfig
+from folklm.engine.device import default_dtype
 from folklm.engine.generate import Completion, Timings, generate, generate_stream
 from folklm.errors import CheckpointError, FolkError
 from folklm.ops.sampling import SamplingParams
@@ -180,7 +181,8 @@ def load(
     Args:
         source: path to a model folder or GGUF file; None loads the bundled default.
         dtype: compute dtype, ``float32`` or ``bfloat16`` (``float16`` is slow on CPUs);
-            None: the dtype a quantized model was saved in, else ``float32``.
+            None: ``engine.device.default_dtype`` (bfloat16 where the CPU has native bf16,
+            else float32; a quantized model's saved dtype where the CPU runs it natively).
         allow_pickle: accept pickled ``*.bin`` weights (loaded with ``weights_only=True``).
         fast: re-pack linear weights for fast CPU inference (``engine.fast``); turn off to
             get plain ``nn.Linear`` modules (e.g. to train or wrap them).
@@ -208,18 +210,18 @@ def load(
             from folklm.quant.api import cast_float_parts, materialize_quantized
 
             saved = quantized.get("dtype", "float32") if isinstance(quantized, dict) else None
-            torch_dtype = parse_dtype(dtype or saved or "float32")
+            torch_dtype = parse_dtype(dtype or default_dtype(saved))
             model = materialize_quantized(config, tensors, str(path))
             cast_float_parts(model, torch_dtype)
         else:
-            torch_dtype = parse_dtype(dtype or "float32")
+            torch_dtype = parse_dtype(dtype or default_dtype())
             model = materialize(config, tensors, torch_dtype, str(path))
         tokenizer = Tokenizer.from_folder(path)
         gen_config = read_generation_config(path)
     elif path.is_file() and path.suffix.lower() == ".gguf":
         from folklm.checkpoint.gguf import read_gguf
 
-        torch_dtype = parse_dtype(dtype or "float32")
+        torch_dtype = parse_dtype(dtype or default_dtype())
         ckpt = read_gguf(path)
         config = ModelConfig.from_dict(ckpt.config)
         model = materialize(config, ckpt.tensors, torch_dtype, str(path))
