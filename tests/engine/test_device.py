@@ -59,7 +59,7 @@ def test_bf16_without_packing_support_runs_unpacked_with_a_notice(masked, tiny_m
     with torch.no_grad():
         f32 = folklm.load(folder, dtype="float32", fast=False).model(ids)
         bf16 = llm.model(ids)
-    assert bf16.dtype == torch.bfloat16 and (bf16 - f32).norm() / f32.norm() < 0.05
+    assert llm.dtype == torch.bfloat16 and (bf16 - f32).norm() / f32.norm() < 0.05
     # float32 is still packed on such a CPU
     f32_fast = folklm.load(folder, dtype="float32")
     assert any(isinstance(m, PackedLinear) for m in f32_fast.model.modules())
