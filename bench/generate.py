@@ -191,13 +191,13 @@ def llama_bench_round(binary: str, gguf: Path, args) -> dict:
     cmd = [binary, "-m", str(gguf), "-t", str(args.threads), "-r", "1", "-o", "json"]
     cmd += ["-p", str(args.prompt_tokens), "-n", str(args.new_tokens)]
     env = {**os.environ, "LD_LIBRARY_PATH": str(Path(binary).parent)}
-    with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, text=True, env=env)
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as errf:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=errf, text=True, env=env)
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage
         proc.returncode = os.waitstatus_to_exitcode(status)
-        err = proc.stderr.read()
         out.seek(0)
-        text = out.read()
+        errf.seek(0)
+        text, err = out.read(), errf.read()
     if proc.returncode != 0:
         raise RuntimeError(f"llama-bench failed on {gguf.name}: {err.strip()[-500:]}")
     res = {"peak_rss_mb": usage.ru_maxrss / 1024}
