@@ -9,6 +9,7 @@ from quanttest import rel_err
 import folklm
 from folklm.checkpoint.hf import read_config, read_weights, save_folder
 from folklm.errors import CheckpointError, FolkError
+from folklm.kernels.choice import kernel_dtype
 from folklm.quant import (
     SCHEMES,
     Int4Linear,
@@ -58,7 +59,9 @@ def test_quantize_swaps_linears_and_records_the_scheme(tiny_models, seed, scheme
         for n in names:  # the float model with the dequantized weights computes the same
             ref_llm.model.get_submodule(n).weight.copy_(llm.model.get_submodule(n).dequantize())
         same = rel_err(out, ref_llm.model(ids))
-    assert same < 1e-5, f"seed={seed}: {scheme} differs from its dequantized model by {same}"
+    # float32 activations go through the packed kernels in bf16 on x86 (kernels.choice)
+    tol = 1e-5 if kernel_dtype(torch.float32) == torch.float32 else 3e-2
+    assert same < tol, f"seed={seed}: {scheme} differs from its dequantized model by {same}"
     assert rel < LOGIT_BOUND[scheme], f"seed={seed}: {scheme} logits off by {rel:.4f}"
     out = llm.generate("t5 t6 t7", max_new_tokens=4, chat=False)  # decode path runs
     assert out.completion_tokens >= 1
