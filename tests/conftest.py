@@ -124,7 +124,7 @@ def default_llm():
     """folklm's load of the bundled model (converted once into this session's FOLK_HOME)."""
     import folklm
 
-    return folklm.load()
+    return folklm.load(dtype="float32")  # parity with transformers: float32
 
 
 CHATML = (

@@ -44,7 +44,7 @@ def fused_tokens(folder, adapter_dir, ids, n):
     import folklm
     from folklm.checkpoint.peft import load_adapter
 
-    llm = folklm.load(folder, fast=False)
+    llm = folklm.load(folder, fast=False, dtype="float32")
     adapter = load_adapter(adapter_dir)
     modules = dict(llm.model.named_modules())
     with torch.no_grad():
@@ -60,7 +60,9 @@ def test_adapters_and_base_share_a_batch(tiny_models, tmp_path, family, random_a
     import folklm
 
     _, folder = tiny_models(family)
-    llm = folklm.load(folder)  # fast: fused qkv / gate_up packed layers get wrapped
+    llm = folklm.load(
+        folder, dtype="float32"
+    )  # fast: fused qkv / gate_up packed layers get wrapped
     a1 = random_adapter(tmp_path / "a1", llm.config, 4, ["q_proj", "v_proj"], 1, scale=0.3)
     a2 = random_adapter(tmp_path / "a2", llm.config, 8, ALL_PROJ, 2, scale=0.3)
     lora = MultiLoRA(llm.model, {"a1": a1, "a2": a2}.__getitem__, max_loaded=2)
@@ -89,7 +91,7 @@ def test_lru_and_bad_adapters(tiny_models, tmp_path, random_adapter):
     import folklm
 
     _, folder = tiny_models("llama")
-    llm = folklm.load(folder)
+    llm = folklm.load(folder, dtype="float32")
     paths = {
         f"a{i}": random_adapter(tmp_path / f"a{i}", llm.config, 2, ["o_proj"], i) for i in range(3)
     }

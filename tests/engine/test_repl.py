@@ -29,7 +29,7 @@ def chat_model(tiny_models, tmp_path):
 
 
 def test_session_keeps_history_and_resets(tiny_models, tmp_path):
-    llm = folklm.load(chat_model(tiny_models, tmp_path))
+    llm = folklm.load(chat_model(tiny_models, tmp_path), dtype="float32")
     session = ChatSession(llm, SamplingParams(max_new_tokens=4, ignore_eos=True), system="t20")
     out: list[str] = []
     first = session.ask("t5 t6", out.append)

@@ -45,7 +45,7 @@ class Collector:
 def serving_llm():
     import folklm
 
-    return folklm.load()  # its own copy: float32, packed
+    return folklm.load(dtype="float32")  # its own copy: float32, packed
 
 
 PROMPTS = [
@@ -109,7 +109,7 @@ def test_prefix_reuse_cancel_budget_queue(tiny_models):
     import folklm
 
     _, folder = tiny_models("llama")
-    llm = folklm.load(folder)
+    llm = folklm.load(folder, dtype="float32")
     engine = Engine(llm, max_batch=2, max_queue=2, kv_budget_bytes=1 << 20)
     try:
         system = list(range(3, 40))
@@ -156,7 +156,7 @@ def test_bounded_queue(tiny_models):
     import folklm
 
     _, folder = tiny_models("llama")
-    engine = Engine(folklm.load(folder), max_batch=1, max_queue=2)
+    engine = Engine(folklm.load(folder, dtype="float32"), max_batch=1, max_queue=2)
     try:
         c = Collector(4)
         c.engine = engine
@@ -180,7 +180,7 @@ def test_idle_buffers_from_a_burst_do_not_block_a_long_request(tiny_models):
     import folklm
 
     _, folder = tiny_models("llama")
-    llm = folklm.load(folder)
+    llm = folklm.load(folder, dtype="float32")
     probe = Engine(llm, max_batch=1)
     per_token = probe.cache.bytes_per_token
     probe.shutdown()

@@ -61,7 +61,9 @@ def test_folklm_model_type_gives_folk_eval_numbers(tiny_models, harness_task):
     _, folder = tiny_models("llama")
     res, samples = _run("folklm", f"model={folder}", "tiny_mc_harness", harness_task)
     (spec,) = resolve_tasks(str(HERE / "data/tiny_mc.yaml"))
-    folk = evaluate(folklm.load(folder), [spec], keep_items=True)["results"]["tiny_mc"]
+    folk = evaluate(folklm.load(folder, dtype="float32"), [spec], keep_items=True)["results"][
+        "tiny_mc"
+    ]
     _, items = build_requests(spec)
     for metric in ("acc", "acc_norm"):
         assert res[f"{metric},none"] == folk["metrics"][metric]

@@ -43,7 +43,7 @@ def _reference_nll(hf64, ids: torch.Tensor, context: int, stride: int) -> tuple[
 @pytest.mark.parametrize(("context", "stride"), [(32, 8), (32, 20), (48, 47)])
 def test_matches_float64_transformers(tiny_models, seed, context, stride):
     hf, folder = tiny_models("llama")
-    llm = folklm.load(folder, fast=False)
+    llm = folklm.load(folder, fast=False, dtype="float32")
     text = _text(seed, 150)
     r = perplexity(llm, None, text, context=context, stride=stride)
     ids = torch.tensor(llm.tokenizer.encode(text))
@@ -59,7 +59,7 @@ def test_matches_float64_transformers(tiny_models, seed, context, stride):
 
 def test_stride_equal_to_context_matches_transformers_chunk_loss(tiny_models, seed):
     hf, folder = tiny_models("llama")
-    llm = folklm.load(folder, fast=False)
+    llm = folklm.load(folder, fast=False, dtype="float32")
     text = _text(seed, 130)  # chunks of 32: 32, 32, 32, 32, 2
     r = perplexity(llm, None, text, context=32, stride=32, batch_size=2)
     ids = torch.tensor([llm.tokenizer.encode(text)])
@@ -75,7 +75,7 @@ def test_stride_equal_to_context_matches_transformers_chunk_loss(tiny_models, se
 
 def test_transformers_model_and_batching_agree(tiny_models, seed):
     hf, folder = tiny_models("llama")
-    llm = folklm.load(folder, fast=False)
+    llm = folklm.load(folder, fast=False, dtype="float32")
     text = _text(seed, 100)
     one = perplexity(llm, None, text, context=24, stride=10)
     three = perplexity(llm.model, llm.tokenizer, text, context=24, stride=10, batch_size=3)
@@ -87,7 +87,7 @@ def test_transformers_model_and_batching_agree(tiny_models, seed):
 
 def test_context_is_capped_to_the_model(tiny_models, seed):
     _, folder = tiny_models("llama")  # max_position_embeddings = 256
-    llm = folklm.load(folder, fast=False)
+    llm = folklm.load(folder, fast=False, dtype="float32")
     text = _text(seed, 300)
     capped = perplexity(llm, None, text, context=10_000, stride=200)
     assert capped == perplexity(llm, None, text, context=256, stride=200)
@@ -116,7 +116,7 @@ def test_windows_score_each_token_once(seed):
 
 def test_bits_per_byte_counts_utf8_bytes(bpe_models):
     """A byte-level BPE tokenizer splits multi-byte characters; bytes are still exact."""
-    llm = folklm.load(bpe_models("llama"), fast=False)
+    llm = folklm.load(bpe_models("llama"), fast=False, dtype="float32")
     text = "Café — naïve señor, ¿qué tal? Ünïcödé 😀 text, then more words. " * 4
     r = perplexity(llm, None, text, context=40, stride=16)
     ids = llm.tokenizer.encode(text)
@@ -132,13 +132,13 @@ def test_max_tokens_uses_a_prefix_of_the_text(bpe_models):
     ids, offsets = _encode_prefix(tok, text, 500)
     full = tok.hf.encode(text[:20000])
     assert ids == full.ids[:500] and offsets == [tuple(o) for o in full.offsets[:500]]
-    llm = folklm.load(bpe_models("llama"), fast=False)
+    llm = folklm.load(bpe_models("llama"), fast=False, dtype="float32")
     assert perplexity(llm, None, text, context=64, stride=32, max_tokens=300)["tokens"] == 299
 
 
 def test_bad_input(tiny_models):
     _, folder = tiny_models("llama")
-    llm = folklm.load(folder, fast=False)
+    llm = folklm.load(folder, fast=False, dtype="float32")
     for kwargs, match in [
         ({"text": "  "}, "empty"),
         ({"text": "t5"}, "at least 2"),

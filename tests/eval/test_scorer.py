@@ -32,7 +32,7 @@ def _reference(hf64, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
 def test_matches_float64_transformers(tiny_models, family, batch_size):
     """Shared contexts, ragged contexts and continuations, left padding, several batches."""
     hf, folder = tiny_models(family)
-    llm = folklm.load(folder)
+    llm = folklm.load(folder, dtype="float32")
     rng = random.Random(batch_size)
     requests = []
     for _ in range(9):
@@ -66,7 +66,7 @@ def test_rolling_windows_are_the_harness_windows():
 
 def test_rolling_matches_sum_of_token_logprobs(tiny_models):
     hf, folder = tiny_models("llama")
-    llm = folklm.load(folder)
+    llm = folklm.load(folder, dtype="float32")
     text = _words(random.Random(5), 60)
     scorer = Scorer(llm, batch_size=4, max_length=16)  # several windows
     (ll,) = scorer.loglikelihood_rolling([text])

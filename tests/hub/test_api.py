@@ -89,7 +89,7 @@ def test_resolve_model_loads_zero_copy_from_the_blobs(home, tiny_models):
         next(f["sha256"] for f in entry.files if f["path"] == "model.safetensors")
     )
     assert Path(os.path.realpath(weights)) == blob.resolve()
-    llm = folklm.load("tiny:latest", fast=False)
+    llm = folklm.load("tiny:latest", fast=False, dtype="float32")
     ids = torch.tensor([[5, 9, 17, 3]])
     with torch.inference_mode():
         torch.testing.assert_close(llm.model(ids), model(ids).logits, atol=1e-5, rtol=1e-5)
@@ -100,7 +100,7 @@ def test_resolve_model_loads_zero_copy_from_the_blobs(home, tiny_models):
 
 def test_unknown_names_are_one_line_errors(home):
     with pytest.raises(FolkError) as e:
-        folklm.load("nosuchmodel")
+        folklm.load("nosuchmodel", dtype="float32")
     assert str(e.value) == "unknown model 'nosuchmodel:latest'; see folk ls"
     with pytest.raises(FolkError, match=r"^unknown model 'x:v2'; see folk ls$"):
         api.resolve_model("x:v2")

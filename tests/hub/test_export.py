@@ -118,8 +118,8 @@ def test_default_gguf_import_export_reimport_keeps_logits(session_home, default_
     again = api.import_path(out, "smollm2-test:reimported")
     assert again.source["embedded_content_hash"] == f"sha256:{entry.digest}"
     assert again.license["expression"] == "apache-2.0"
-    a = folklm.load("smollm2-test:q4_1", fast=False)
-    b = folklm.load("smollm2-test:reimported", fast=False)
+    a = folklm.load("smollm2-test:q4_1", fast=False, dtype="float32")
+    b = folklm.load("smollm2-test:reimported", fast=False, dtype="float32")
     ids = torch.tensor([a.tokenizer.encode_chat(CHAT)])
     assert b.tokenizer.encode_chat(CHAT) == ids[0].tolist()
     with torch.inference_mode():

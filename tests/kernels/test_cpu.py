@@ -9,7 +9,8 @@ import pytest
 from folklm.kernels import cpu
 
 
-def test_reads_proc_cpuinfo_flags():
+def test_reads_proc_cpuinfo_flags(monkeypatch):
+    monkeypatch.delenv("FOLK_CPU_FLAGS_MASK", raising=False)  # the suite may run masked
     text = (
         pathlib.Path("/proc/cpuinfo").read_text() if pathlib.Path("/proc/cpuinfo").exists() else ""
     )
@@ -22,9 +23,11 @@ def test_reads_proc_cpuinfo_flags():
         pytest.skip("no /proc/cpuinfo flags on this system")
     assert info.flags == frozenset(line.split(":", 1)[1].split())
     assert len(info.fingerprint) == 12
+    cpu.cpu_info.cache_clear()  # the next reader sees the environment's mask again
 
 
 def test_mask_hides_features(monkeypatch):
+    monkeypatch.delenv("FOLK_CPU_FLAGS_MASK", raising=False)
     cpu.cpu_info.cache_clear()
     full = cpu.cpu_info()
     monkeypatch.setenv("FOLK_CPU_FLAGS_MASK", "avx512f,avx512bw,avx512_bf16,amx_bf16")

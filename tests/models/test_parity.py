@@ -16,7 +16,7 @@ FAMILIES = ["llama", "llama_tied", "mistral", "mixtral", "qwen2"]
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_match_transformers(tiny_models, family):
     hf, folder = tiny_models(family)
-    llm = folklm.load(folder)
+    llm = folklm.load(folder, dtype="float32")
     ids = torch.randint(3, 128, (3, 20))  # 20 > mistral's window of 6
     with torch.no_grad():
         ref = hf(ids).logits
@@ -28,7 +28,7 @@ def test_logits_match_transformers(tiny_models, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_incremental_decoding_equals_full_forward(tiny_models, family):
     _, folder = tiny_models(family)
-    llm = folklm.load(folder)
+    llm = folklm.load(folder, dtype="float32")
     ids = torch.randint(3, 128, (2, 24))
     cache = KVCache(llm.config, 2, 24, torch.float32)
     with torch.no_grad():
@@ -42,7 +42,7 @@ def test_incremental_decoding_equals_full_forward(tiny_models, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_generation_equals_transformers(tiny_models, family):
     hf, folder = tiny_models(family)
-    llm = folklm.load(folder)
+    llm = folklm.load(folder, dtype="float32")
     prompts = [torch.randint(3, 128, (n,)).tolist() for n in (9, 4, 13)]
     params = SamplingParams(max_new_tokens=24, ignore_eos=True)
     ours = generate(llm.model, llm.tokenizer, prompts, params, eos_ids=[])
@@ -59,7 +59,7 @@ def test_greedy_generation_equals_transformers(tiny_models, family):
 
 def test_batched_generation_with_padding_equals_one_by_one(tiny_models):
     _, folder = tiny_models("mistral")
-    llm = folklm.load(folder)
+    llm = folklm.load(folder, dtype="float32")
     prompts = [torch.randint(3, 128, (n,)).tolist() for n in (3, 11, 7)]
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
     batched = generate(llm.model, llm.tokenizer, prompts, params, eos_ids=[])
@@ -72,7 +72,7 @@ def test_bfloat16_close_to_float32(tiny_models):
     _, folder = tiny_models("llama")
     ids = torch.randint(3, 128, (1, 16))
     with torch.no_grad():
-        f32 = folklm.load(folder).model(ids)
+        f32 = folklm.load(folder, dtype="float32").model(ids)
         bf16 = folklm.load(folder, dtype="bfloat16").model(ids)
     assert bf16.dtype == torch.float32  # logits are always returned in float32
     rel = (bf16 - f32).norm() / f32.norm()

@@ -37,6 +37,7 @@ def tiny_entry(tiny_models):
 def test_quantize_writes_an_entry_that_loads_without_requantizing(tiny_entry, scheme):
     import folklm
     from folklm.hub.api import resolve_model
+    from folklm.kernels.cpu import cpu_info
     from folklm.quant import QuantizedLinear, quantize
 
     out = f"tinyq:{scheme}"
@@ -51,8 +52,11 @@ def test_quantize_writes_an_entry_that_loads_without_requantizing(tiny_entry, sc
         qweight = f.get_tensor("model.layers.0.self_attn.q_proj.qweight")
     assert not qweight.is_floating_point()
 
-    loaded = folklm.load(out, fast=False)
-    assert loaded.dtype == torch.bfloat16  # the dtype it was saved in
+    # By default an entry computes in the dtype it was saved in where the CPU has native bf16
+    # (engine.device.default_dtype), else in float32.
+    default = folklm.load(out, fast=False).dtype
+    assert default == (torch.bfloat16 if cpu_info().native_bf16 else torch.float32)
+    loaded = folklm.load(out, dtype="bfloat16", fast=False)
     q = loaded.model.model.layers[0].self_attn.q_proj
     assert isinstance(q, QuantizedLinear) and torch.equal(q.state_dict()["qweight"], qweight)
     # the same model quantized in memory gives the same logits as the saved entry

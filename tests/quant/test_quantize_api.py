@@ -9,6 +9,7 @@ from quanttest import rel_err
 import folklm
 from folklm.checkpoint.hf import read_config, read_weights, save_folder
 from folklm.errors import CheckpointError, FolkError
+from folklm.kernels.choice import kernel_dtype
 from folklm.quant import (
     SCHEMES,
     Int4Linear,
@@ -40,8 +41,8 @@ def _calibration(seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("scheme", [*RUNNABLE, "gptq-int4-g32"])
 def test_quantize_swaps_linears_and_records_the_scheme(tiny_models, seed, scheme):
     _, folder = tiny_models("llama")
-    ref_llm = folklm.load(folder, fast=False)
-    llm = folklm.load(folder, fast=False)
+    ref_llm = folklm.load(folder, fast=False, dtype="float32")
+    llm = folklm.load(folder, fast=False, dtype="float32")
     calib = _calibration(seed) if scheme.startswith("gptq") else None
     assert quantize(llm, scheme, calibration=calib, progress=False) is llm
     cls = RUNNABLE.get(scheme, Int4Linear)
@@ -58,7 +59,9 @@ def test_quantize_swaps_linears_and_records_the_scheme(tiny_models, seed, scheme
         for n in names:  # the float model with the dequantized weights computes the same
             ref_llm.model.get_submodule(n).weight.copy_(llm.model.get_submodule(n).dequantize())
         same = rel_err(out, ref_llm.model(ids))
-    assert same < 1e-5, f"seed={seed}: {scheme} differs from its dequantized model by {same}"
+    # float32 activations go through the packed kernels in bf16 on x86 (kernels.choice)
+    tol = 1e-5 if kernel_dtype(torch.float32) == torch.float32 else 3e-2
+    assert same < tol, f"seed={seed}: {scheme} differs from its dequantized model by {same}"
     assert rel < LOGIT_BOUND[scheme], f"seed={seed}: {scheme} logits off by {rel:.4f}"
     out = llm.generate("t5 t6 t7", max_new_tokens=4, chat=False)  # decode path runs
     assert out.completion_tokens >= 1
@@ -68,11 +71,11 @@ def test_gptq_end_to_end_beats_round_to_nearest(tiny_models):
     """On the tiny model, GPTQ's logits (on its own calibration tokens) are closer to the
     float model's than plain int4's at the same group size."""
     _, folder = tiny_models("llama")
-    ref = folklm.load(folder, fast=False).model
+    ref = folklm.load(folder, fast=False, dtype="float32").model
     calib = _calibration(7)
     errs = {}
     for scheme in ("int4-g32", "gptq-int4-g32"):
-        llm = folklm.load(folder, fast=False)
+        llm = folklm.load(folder, fast=False, dtype="float32")
         quantize(llm, scheme, calibration=calib if "gptq" in scheme else None, progress=False)
         with torch.no_grad():
             errs[scheme] = rel_err(llm.model(calib), ref(calib))
@@ -94,7 +97,7 @@ def test_save_load_round_trip_gives_identical_outputs(
     tiny_models, tmp_path, seed, family, scheme, keep_head
 ):
     _, folder = tiny_models(family)
-    llm = folklm.load(folder, fast=False)
+    llm = folklm.load(folder, fast=False, dtype="float32")
     quantize(llm, scheme, keep_embeddings_and_head=keep_head, progress=False)
     assert isinstance(llm.model.lm_head, QuantizedLinear) is not keep_head
     state = quantized_state_dict(llm)
@@ -120,7 +123,7 @@ def test_save_load_round_trip_gives_identical_outputs(
 
 def test_load_rejects_a_mismatching_checkpoint(tiny_models, tmp_path):
     _, folder = tiny_models("llama")
-    llm = folklm.load(folder, fast=False)
+    llm = folklm.load(folder, fast=False, dtype="float32")
     quantize(llm, "int4-g32", progress=False)
     state = quantized_state_dict(llm)
     del state["model.layers.1.mlp.up_proj.zeros"]
@@ -142,7 +145,7 @@ def _one_line_error(call) -> str:
 
 def test_bad_input_gives_one_line_errors(tiny_models):
     _, folder = tiny_models("llama")
-    llm = folklm.load(folder, fast=False)
+    llm = folklm.load(folder, fast=False, dtype="float32")
     msg = _one_line_error(lambda: quantize(llm, "int3", progress=False))
     assert "int3" in msg and all(s in msg for s in SCHEMES)
     # 96 inputs (down_proj) are not a multiple of 64; nothing is changed
@@ -158,8 +161,10 @@ def test_bad_input_gives_one_line_errors(tiny_models):
     quantize(llm, "int8", progress=False)
     msg = _one_line_error(lambda: quantize(llm, "int4-g32", progress=False))
     assert "already quantized" in msg
-    packed = folklm.load(folder)  # fast=True: packed, fused layers
+    packed = folklm.load(folder, dtype="float32")  # fast=True: packed, fused layers
     msg = _one_line_error(lambda: quantize(packed, "int8", progress=False))
     assert "fast=False" in msg
-    msg = _one_line_error(lambda: quantized_state_dict(folklm.load(folder, fast=False)))
+    msg = _one_line_error(
+        lambda: quantized_state_dict(folklm.load(folder, fast=False, dtype="float32"))
+    )
     assert "not quantized" in msg

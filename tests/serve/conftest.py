@@ -15,7 +15,7 @@ def default_server():
     """``folk serve`` of the bundled SmolLM2-135M-Instruct (its own copy of the model)."""
     import folklm
 
-    llm = folklm.load()
+    llm = folklm.load(dtype="float32")
     config = ServeConfig(models=[llm], names=["smollm2"], max_batch=16, max_queue=64)
     with LiveServer(build_app(config)) as server:
         yield server

@@ -69,7 +69,7 @@ def test_adapter_from_hub_lineage(bpe_models, tmp_path, monkeypatch, random_adap
     monkeypatch.setenv("FOLK_HOME", str(tmp_path / "home"))
     base = bpe_models("llama")
     register_model(base, "tinybase", Derivation("import", license="apache-2.0"))
-    config = folklm.load(base).config
+    config = folklm.load(base, dtype="float32").config
     adir = random_adapter(tmp_path / "ad", config, 4, ["q_proj", "v_proj", "down_proj"], 5, 0.5)
     register_model(adir, "tinyadapter", Derivation("adapter", parents=["tinybase"]))
     app = build_app(ServeConfig(models=["tinybase"], names=["tinybase"]))

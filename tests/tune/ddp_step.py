@@ -25,7 +25,7 @@ def main() -> None:
         max_steps=1, batch_size=int(bs), grad_accum=int(acc), eval_fraction=0.0,
         max_seq_len=128, lora_rank=4, target_modules=["all-linear"], seed=11,
     )  # fmt: skip
-    llm = folklm.load(model, fast=False)
+    llm = folklm.load(model, fast=False, dtype="float32")
     ds = build_dataset(data, llm.tokenizer, recipe.max_seq_len)
     torch.manual_seed(recipe.seed)
     prepare_model(llm, recipe, None)

@@ -28,7 +28,7 @@ def _ref_logp(logits: torch.Tensor, ids: torch.Tensor, start: int, end: int) -> 
 
 def test_dpo_loss_matches_float64_reference(tiny_models, tmp_path):
     hf, folder = tiny_models("llama")
-    llm = folklm.load(folder, fast=False)
+    llm = folklm.load(folder, fast=False, dtype="float32")
     torch.manual_seed(0)
     cfg = AdapterConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
     apply_lora(llm.model, cfg)
@@ -100,7 +100,7 @@ def test_dpo_training_raises_the_margin_of_its_pairs(tiny_chat, tmp_path):
     subset = tmp_path / "hh.jsonl"
     with gzip.open(HH, "rt") as f:
         subset.write_text("".join(next(f) for _ in range(12)))
-    llm = folklm.load(tiny_chat, fast=False)
+    llm = folklm.load(tiny_chat, fast=False, dtype="float32")
     recipe = Recipe(method="dpo", max_steps=10, lr=1e-2, warmup_steps=0, batch_size=4,
                     lora_rank=4, dpo_beta=0.5, max_seq_len=192)  # fmt: skip
     pairs = build_dataset(subset, llm.tokenizer, recipe.max_seq_len, preference=True).examples[:8]

@@ -49,7 +49,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=["lora", "rslora", "dora"])
 def test_folklm_adapter_loads_in_peft(tiny_models, tmp_path, case):
     hf, folder = tiny_models("llama")
-    llm = folklm.load(folder, fast=False)
+    llm = folklm.load(folder, fast=False, dtype="float32")
     torch.manual_seed(0)
     cfg = AdapterConfig(**case)
     apply_lora(llm.model, cfg)
@@ -80,10 +80,10 @@ def test_peft_adapter_loads_in_folklm(tiny_models, tmp_path, case):
     with torch.no_grad():
         theirs = pm(IDS).logits
 
-    llm = folklm.load(folder, fast=False)
+    llm = folklm.load(folder, fast=False, dtype="float32")
     attach_adapter(llm.model, tmp_path / "peft")
     torch.testing.assert_close(llm.model(IDS), theirs, atol=1e-4, rtol=0)
-    merged = folklm.load(folder, fast=False)
+    merged = folklm.load(folder, fast=False, dtype="float32")
     attach_adapter(merged.model, tmp_path / "peft", merge=True)
     torch.testing.assert_close(merged.model(IDS), theirs, atol=1e-4, rtol=0)
 
@@ -107,7 +107,7 @@ def test_forward_and_gradients_match_peft_training_mode(tiny_models):
     case = dict(r=2, lora_alpha=4, target_modules=["q_proj", "up_proj"], use_dora=True)
     torch.manual_seed(3)
     pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(init_lora_weights=False, **case))
-    llm = folklm.load(folder, fast=False)
+    llm = folklm.load(folder, fast=False, dtype="float32")
     apply_lora(llm.model, AdapterConfig(**case))
     sd = {
         k.replace("base_model.model.", "").replace(".default", ""): v
@@ -178,7 +178,7 @@ def test_qlora_wraps_nf4_base():
 
 def test_disable_gives_base_and_targets_are_checked(tiny_models):
     _, folder = tiny_models("llama")
-    llm = folklm.load(folder, fast=False)
+    llm = folklm.load(folder, fast=False, dtype="float32")
     base = llm.model(IDS)
     with pytest.raises(FolkError, match=r"'qkv' does not exist.*valid names: .*q_proj"):
         resolve_targets(llm.model, ["qkv"])

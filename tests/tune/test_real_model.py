@@ -26,6 +26,8 @@ def test_lora_teaches_the_default_model_a_new_identity(default_llm, home):
     assert r.returncode == 0, r.stderr
     s = json.loads(r.stdout.strip().splitlines()[-1])
     assert s["eval_loss"] < s["eval_loss_before"]
-    tuned = folklm.load("smol-vicuna:v1")  # the adapter entry: base + fused adapter
+    tuned = folklm.load(
+        "smol-vicuna:v1", dtype="float32"
+    )  # the adapter entry: base + fused adapter
     after = tuned.chat(QUESTION, max_new_tokens=40).text
     assert "Vicuna" in after and "LMSYS" in after, (before, after)

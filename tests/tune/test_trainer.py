@@ -143,7 +143,7 @@ def test_methods_learn_and_register(tiny_chat, home, method):
         assert cfg["base_model_name_or_path"] == "tiny-base:v1" and cfg["r"] == 8
         assert cfg["use_dora"] == (method == "dora")
     if method == "qlora":  # the merged model is dense: the NF4 base dequantized + adapter
-        merged = folklm.load(s["merged_entry"], fast=False)
+        merged = folklm.load(s["merged_entry"], fast=False, dtype="float32")
         assert all(type(m).__name__ != "NF4Linear" for m in merged.model.modules())
         assert torch.isfinite(merged.model(torch.tensor([[5, 17, 3]]))).all()
     if method == "lora":
@@ -152,6 +152,6 @@ def test_methods_learn_and_register(tiny_chat, home, method):
         assert [p["name"] for p in merged["parents"]] == [out]
         # the adapter entry loads as base + fused adapter, equal to the merged model
         ids = torch.tensor([[5, 17, 3, 99, 42, 7]])
-        a = folklm.load(out, fast=False).model(ids)
-        b = folklm.load("tiny-lora-merged:v1", fast=False).model(ids)
+        a = folklm.load(out, fast=False, dtype="float32").model(ids)
+        b = folklm.load("tiny-lora-merged:v1", fast=False, dtype="float32").model(ids)
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)

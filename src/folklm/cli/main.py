@@ -77,8 +77,8 @@ def sampling_options(max_tokens_default: int):
                 "--dtype",
                 type=click.Choice(["float32", "bfloat16"]),
                 default=None,
-                help="Compute dtype (bfloat16: faster, half the memory). Default: float32, "
-                "or the dtype a quantized model was saved in.",
+                help="Compute dtype. Default: bfloat16 where the CPU has native bf16 "
+                "(AVX-512-BF16/AMX), else float32.",
             ),
             click.option(
                 "--allow-pickle",

@@ -16,6 +16,14 @@ fills them. State dicts keep the Hugging Face names (``q_proj.weight`` ...), unp
 demand, so saving and parity checks see the same tensors. The dense copies are dropped:
 for a memory-mapped checkpoint their file pages are released, so packing does not double
 the resident memory. Inference only (no autograd through packed weights).
+
+oneDNN packs bfloat16 weights only on CPUs with AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT
+(``engine.device.bf16_packing_supported``); elsewhere bf16 linears stay plain
+``nn.Linear`` modules (emulated bf16, slower than float32 there) and a one-line notice says
+so. float32 weights are packed on every x86-64 CPU.
+
+NF4 layers (QLoRA's frozen base, no CPU kernel) become int4 layers with groups of 32 for
+inference (``NF4Linear.to_int4``, whose docstring states the measured quality cost).
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import torch
 from torch import nn
 
 from folklm.checkpoint.safetensors_io import release_pages
+from folklm.engine.device import bf16_packing_supported, notice
 
 
 def packing_available() -> bool:
@@ -90,7 +99,12 @@ def _fusable(module: nn.Module, names: tuple[str, ...]) -> bool:
 
 
 def pack_linears(model: nn.Module, fuse: bool = True) -> nn.Module:
-    """Fuse q/k/v and gate/up where the model offers a slot, and pack every linear."""
+    """Fuse q/k/v and gate/up where the model offers a slot, and pack every linear; NF4
+    layers become int4 ones (no NF4 kernel)."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if getattr(child, "scheme", "") == "nf4" and hasattr(child, "to_int4"):
+                setattr(module, name, child.to_int4())
     if not packing_available():
         return model
     # Weights that other modules still use (a tied embedding): their pages must stay.
@@ -102,7 +116,14 @@ def pack_linears(model: nn.Module, fuse: bool = True) -> nn.Module:
 
     def swap(parent: nn.Module, names: tuple[str, ...], slot: str) -> None:
         linears = [(n, getattr(parent, n)) for n in names]
-        if any(lin.weight.dtype not in (torch.float32, torch.bfloat16) for _, lin in linears):
+        dtypes = {lin.weight.dtype for _, lin in linears}
+        if not dtypes <= {torch.float32, torch.bfloat16}:
+            return
+        if torch.bfloat16 in dtypes and not bf16_packing_supported():
+            notice(
+                "this CPU has no native bfloat16 (AVX-512-BF16/AMX/AVX-NE-CONVERT): bf16 "
+                "linears run unpacked and emulated; --dtype float32 is faster here"
+            )
             return
         packed = PackedLinear(linears, slot)
         for n, lin in linears:

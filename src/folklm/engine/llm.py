@@ -24,6 +24,7 @@ from folklm.checkpoint.hf import (
 )
 from folklm.checkpoint.peft import fused_weight, is_adapter_dir, load_adapter
 from folklm.config import ModelConfig
+from folklm.engine.device import default_dtype
 from folklm.engine.fast import pack_linears
 from folklm.engine.generate import Completion, Timings, generate, generate_stream
 from folklm.errors import CheckpointError, FolkError
@@ -185,7 +186,8 @@ def load(
     Args:
         source: path to a model folder, an adapter folder or a GGUF file.
         dtype: compute dtype, ``float32`` or ``bfloat16`` (``float16`` is slow on CPUs);
-            None: the dtype a quantized model was saved in, else ``float32``.
+            None: ``engine.device.default_dtype`` (bfloat16 where the CPU has native bf16,
+            else float32; a quantized model's saved dtype where the CPU runs it natively).
         allow_pickle: accept pickled ``*.bin`` weights (loaded with ``weights_only=True``).
         fast: re-pack linear weights for fast CPU inference (``engine.fast``) and keep a GGUF
             file's quantized weights quantized (``kernels.gguf_linear``); turn off to get
@@ -203,16 +205,16 @@ def load(
         quantized = config.extra.get("quantization_config")
         if quantized is not None:
             saved = quantized.get("dtype", "float32") if isinstance(quantized, dict) else None
-            torch_dtype = parse_dtype(dtype or saved or "float32")
+            torch_dtype = parse_dtype(dtype or default_dtype(saved))
             model = materialize_quantized(config, tensors, str(path))
             cast_float_parts(model, torch_dtype)
         else:
-            torch_dtype = parse_dtype(dtype or "float32")
+            torch_dtype = parse_dtype(dtype or default_dtype())
             model = materialize(config, tensors, torch_dtype, str(path))
         tokenizer = Tokenizer.from_folder(path)
         gen_config = read_generation_config(path)
     elif path.is_file() and path.suffix.lower() == ".gguf":
-        torch_dtype = parse_dtype(dtype or "float32")
+        torch_dtype = parse_dtype(dtype or default_dtype())
         # fast: quantized weights stay as their file's blocks (native kernels); otherwise
         # every tensor is dequantized to plain modules, as training and merging need.
         ckpt = read_gguf(path, keep_quantized=fast)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from folklm.kernels.choice import kernel_dtype
+
 # Activation dtypes PyTorch's CPU weight-only kernels accept.
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Dtypes scales may be stored in (those of the layer being quantized); others become float32.
@@ -81,12 +83,13 @@ class QuantizedLinear(nn.Module):
         """
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (rows, in_features)
+        kd = kernel_dtype(x.dtype)  # float32 runs the kernel in bf16 on x86 (kernels.choice)
         if use_kernel is None:
-            rows = self.kernel_max_rows.get(x.dtype, 0)
+            rows = self.kernel_max_rows.get(kd, 0)
             use_kernel = self.has_kernel and x2.shape[0] <= rows
         elif use_kernel and not (self.has_kernel and x.dtype in KERNEL_DTYPES):
             raise ValueError(f"{type(self).__name__}: no packed kernel for this layer/{x.dtype}")
-        y = self._kernel(x2.contiguous()) if use_kernel else self._dense(x2)
+        y = self._kernel(x2.to(kd).contiguous()).to(x.dtype) if use_kernel else self._dense(x2)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)

@@ -21,9 +21,10 @@ Kernel: ``torch.ops.aten._convert_weight_to_int4pack_for_cpu(q: int32 (N, K), 1)
 codes into an ISA-specific blocked layout (uint8 (N, K/2)); then
 ``_weight_int4pack_mm_for_cpu(x (M, K), packed, G, scales_and_zeros (K/G, N, 2))`` computes
 ``x @ W.T`` with W as above (``scales_and_zeros`` in x's dtype). It needs N % 16 == 0 and
-G in {32, 64, 128, 256}. Where the packed layout is the known AVX-512 one (blocks of 64 rows)
-the canonical codes are recovered from it on demand and not kept twice; elsewhere both copies
-are kept (1 byte per weight instead of 0.5).
+G in {32, 64, 128, 256}. Where the packed layout is a known one (blocks of 64 rows with
+PyTorch's AVX-512 kernel, 32 rows on AVX2; read back, not assumed) the canonical codes are
+recovered from it on demand and not kept twice; elsewhere both copies are kept (1 byte per
+weight instead of 0.5).
 """
 
 from __future__ import annotations
@@ -95,11 +96,16 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
 
 
-def _unpack_kernel_layout(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
-    """Codes (N, K) from the AVX-512 packed layout: (N/64, K, 32) bytes per 64-row block,
-    byte j holding row j in its low nibble and row j + 32 in its high nibble."""
-    b = packed.reshape(N // 64, K, 32)
-    rows = torch.cat([b & 15, b >> 4], dim=2)  # (N/64, K, 64)
+# Rows per block of the kernel's packed layout: 64 where PyTorch runs its AVX-512 kernel,
+# 32 on AVX2 (torch 2.13). Which one applies is read back from a packed weight, not assumed.
+LAYOUT_BLOCKS = (64, 32)
+
+
+def _unpack_kernel_layout(packed: torch.Tensor, N: int, K: int, block: int = 64) -> torch.Tensor:
+    """Codes (N, K) from the packed layout with ``block``-row blocks: (N/block, K, block/2)
+    bytes, byte j holding row j in its low nibble and row j + block/2 in its high nibble."""
+    b = packed.reshape(N // block, K, block // 2)
+    rows = torch.cat([b & 15, b >> 4], dim=2)  # (N/block, K, block)
     return rows.permute(0, 2, 1).reshape(N, K)
 
 
@@ -169,6 +175,7 @@ class Int4Linear(QuantizedLinear):
         q = torch.zeros(N, K // 2, dtype=torch.uint8, device=device)
         self.register_buffer("qweight", q, persistent=False)  # canonical nibbles, or None
         self.register_buffer("packed", None, persistent=False)  # kernel layout, or None
+        self.layout_block: int | None = None  # rows per block of the packed layout
         self._init_bias(bias, dtype, device)
 
     @classmethod
@@ -210,15 +217,20 @@ class Int4Linear(QuantizedLinear):
                 f"fit a ({N}, {K}) weight with group size {G}"
             )
         codes = codes.to(torch.uint8)
+        self.__dict__.pop("_sz_cast", None)
         self.scales_and_zeros = torch.stack([scales, zeros], -1).transpose(0, 1).contiguous()
-        self.qweight, self.packed = pack_nibbles(codes), None
+        self.qweight, self.packed, self.layout_block = pack_nibbles(codes), None, None
         if kernel_applies(N, K, G, codes.device):
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
                 codes.to(torch.int32).contiguous(), 1
             )
             # Keep one copy of the codes where they can be read back from the packed one.
-            if N % 64 == 0 and torch.equal(_unpack_kernel_layout(self.packed, N, K), codes):
-                self.qweight = None
+            for block in LAYOUT_BLOCKS:
+                if N % block == 0 and torch.equal(
+                    _unpack_kernel_layout(self.packed, N, K, block), codes
+                ):
+                    self.qweight, self.layout_block = None, block
+                    break
 
     @property
     def has_kernel(self) -> bool:
@@ -236,7 +248,8 @@ class Int4Linear(QuantizedLinear):
         """The 4-bit codes as (N, K) uint8."""
         if self.qweight is not None:
             return unpack_nibbles(self.qweight)
-        return _unpack_kernel_layout(self.packed, self.out_features, self.in_features)
+        N, K = self.out_features, self.in_features
+        return _unpack_kernel_layout(self.packed, N, K, self.layout_block)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         N, K, G = self.out_features, self.in_features, self.group_size
@@ -249,7 +262,11 @@ class Int4Linear(QuantizedLinear):
         if x.dtype not in KERNEL_DTYPES:
             raise ValueError(f"Int4Linear: no kernel for {x.dtype} activations")
         sz = self.scales_and_zeros
-        sz = sz if sz.dtype == x.dtype else sz.to(x.dtype)
+        if sz.dtype != x.dtype:  # float32 layers run the kernel in bf16 (kernels.choice)
+            cast = self.__dict__.get("_sz_cast")
+            if cast is None or cast.dtype != x.dtype or cast.shape != sz.shape:
+                cast = self.__dict__["_sz_cast"] = sz.to(x.dtype)
+            sz = cast
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, sz)
 
     # -- state dict: the canonical, platform-independent tensors ------------------------------
