@@ -1,16 +1,17 @@
 """NF4 for inference: the cost of converting NF4 to int4 (or int8), and the speed it buys.
 
-NF4 (QLoRA's base format) has no CPU kernel; ``folklm.load`` converts NF4 layers to int4
-with groups of 32 (``NF4Linear.to_int4``). This bench measures, on the bundled
+NF4 (QLoRA's base format) has no CPU kernel; ``folklm.load`` converts NF4 layers to int8
+(``NF4Linear.to_int8``; ``to_int4`` is the smaller, lossier alternative). This bench measures, on the bundled
 SmolLM2-135M-Instruct quantized to NF4 in memory:
 
 - quality against the NF4 model itself (each NF4 weight dequantized exactly, float32
   activations): mean KL(P_nf4 || P_converted) per token and top-1 agreement of the next-token
   argmax, over the first ``--tokens`` tokens of wikitext-2 (``bench/data``) in windows of
-  ``--context``; candidates int4-g32 (the one used: least-squares grid per group),
-  int4-g32-minmax (each group's own min/max grid), int4-g64 and int8 (per channel);
+  ``--context``; candidates int8 (per channel, the one used), int4-g32 (least-squares
+  grid per group), int4-g32-minmax (each group's own min/max grid) and int4-g64;
 - decode speed, batch 1, greedy, same prompt, rounds interleaved: NF4 dequantized per call
-  (before), NF4 converted to int4-g32 (now), and a model quantized to int4-g32 directly.
+  (before), NF4 converted to int8 at load (now), and models quantized to int4-g32 and int8
+  directly (the speed the issue compares against).
 
     python bench/nf4.py                 # table + one JSON line
 """
@@ -101,9 +102,9 @@ def speed(args) -> list[dict]:
     from folklm.quant import quantize
 
     variants = {}
-    for name in ("nf4 (dequantize per call)", "nf4 -> int4-g32 (load)", "int4-g32"):
+    for name in ("nf4 (dequantize per call)", "nf4 -> int8 (load)", "int4-g32", "int8"):
         llm = folklm.load(dtype=args.dtype, fast=False)
-        quantize(llm, "int4-g32" if name == "int4-g32" else "nf4", progress=False)
+        quantize(llm, name if not name.startswith("nf4") else "nf4", progress=False)
         if not name.startswith("nf4 ("):
             pack_linears(llm.model)  # what folklm.load does (converts NF4 there)
         variants[name] = llm

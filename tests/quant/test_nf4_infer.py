@@ -1,4 +1,4 @@
-"""NF4 for inference: converted to int4 (groups of 32) at load, close to the NF4 weight."""
+"""NF4 for inference: converted to int8 at load (int4 on request), close to the NF4 weight."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from quanttest import gaussian_linear, rel_err
 
 import folklm
 from folklm.engine.fast import pack_linears
-from folklm.quant import Int4Linear, NF4Linear, quantize
+from folklm.quant import Int4Linear, Int8Linear, NF4Linear, quantize
 
 
 def _group_sq_err(layer: Int4Linear, w: torch.Tensor) -> torch.Tensor:
@@ -34,6 +34,19 @@ def test_to_int4_is_close_to_the_nf4_weight(seed):
     assert torch.equal(fitted.bias, nf4.bias)
 
 
+def test_to_int8_is_within_half_a_step_of_the_nf4_weight(seed):
+    lin = gaussian_linear(64, 256, bias=True)
+    nf4 = NF4Linear.from_linear(lin)
+    w_nf4 = nf4.dequantize(torch.float64)
+    q = nf4.to_int8()
+    assert isinstance(q, Int8Linear)
+    # per output channel: step = max|w| / 127 (bf16 scale), rounding within half a step
+    step = w_nf4.abs().amax(dim=1, keepdim=True) / 127
+    err = (q.dequantize(torch.float64) - w_nf4).abs()
+    assert bool((err <= step * (0.5 + 2**-7) + 1e-12).all()), f"seed={seed}"
+    assert torch.equal(q.bias.float(), nf4.bias.float())
+
+
 def test_width_not_divisible_stays_nf4():
     nf4 = NF4Linear.from_linear(gaussian_linear(16, 48))
     assert nf4.to_int4(32) is nf4
@@ -47,11 +60,11 @@ def test_fast_model_has_no_nf4_layer_left(tiny_models):
     for module in list(converted.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, NF4Linear):
-                setattr(module, name, child.to_int4())
+                setattr(module, name, child.to_int8())
     pack_linears(llm.model)  # what folklm.load(..., fast=True) does
     assert not any(isinstance(m, NF4Linear) for m in llm.model.modules())
-    assert any(isinstance(m, Int4Linear) for m in llm.model.modules())
+    assert any(isinstance(m, Int8Linear) for m in llm.model.modules())
     ids = torch.randint(3, 128, (1, 10))
     with torch.no_grad():
-        # the same int4 weights; the packed kernel may round activations to bf16
+        # the same int8 weights; the packed kernel may round activations to bf16
         assert rel_err(llm.model(ids), converted(ids)) < 3e-2

@@ -22,8 +22,8 @@ oneDNN packs bfloat16 weights only on CPUs with AVX-512 (BW/VL/DQ) or AVX-NE-CON
 ``nn.Linear`` modules (emulated bf16, slower than float32 there) and a one-line notice says
 so. float32 weights are packed on every x86-64 CPU.
 
-NF4 layers (QLoRA's frozen base, no CPU kernel) become int4 layers with groups of 32 for
-inference (``NF4Linear.to_int4``, whose docstring states the measured quality cost).
+NF4 layers (QLoRA's frozen base, no CPU kernel) become int8 layers for inference
+(``NF4Linear.to_int8``, whose docstring states the measured quality cost).
 """
 
 from __future__ import annotations
@@ -100,11 +100,11 @@ def _fusable(module: nn.Module, names: tuple[str, ...]) -> bool:
 
 def pack_linears(model: nn.Module, fuse: bool = True) -> nn.Module:
     """Fuse q/k/v and gate/up where the model offers a slot, and pack every linear; NF4
-    layers become int4 ones (no NF4 kernel)."""
+    layers become int8 ones (no NF4 kernel)."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if getattr(child, "scheme", "") == "nf4" and hasattr(child, "to_int4"):
-                setattr(module, name, child.to_int4())
+            if getattr(child, "scheme", "") == "nf4" and hasattr(child, "to_int8"):
+                setattr(module, name, child.to_int8())
     if not packing_available():
         return model
     # Weights that other modules still use (a tied embedding): their pages must stay.
