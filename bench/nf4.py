@@ -1,8 +1,8 @@
 """NF4 for inference: the cost of converting NF4 to int4 (or int8), and the speed it buys.
 
 NF4 (QLoRA's base format) has no CPU kernel; ``folklm.load`` converts NF4 layers to int8
-(``NF4Linear.to_int8``; ``to_int4`` is the smaller, lossier alternative). This bench measures, on the bundled
-SmolLM2-135M-Instruct quantized to NF4 in memory:
+(``NF4Linear.to_int8``; ``to_int4`` is the smaller, lossier alternative). This bench
+measures, on the bundled SmolLM2-135M-Instruct quantized to NF4 in memory:
 
 - quality against the NF4 model itself (each NF4 weight dequantized exactly, float32
   activations): mean KL(P_nf4 || P_converted) per token and top-1 agreement of the next-token
