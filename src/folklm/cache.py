@@ -47,7 +47,9 @@ class Cache(Protocol):
         """Positions and masks for the next T tokens of every row."""
         ...
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k/v (B, n_kv, T, D) of one layer; return the keys/values to attend over
         (B, n_kv, S, D)."""
         ...
@@ -57,7 +59,9 @@ class Cache(Protocol):
         ...
 
 
-def full_feed(B: int, T: int, windows: Sequence[Window], device=None) -> Feed:
+def full_feed(
+    B: int, T: int, windows: Sequence[Window], device: torch.device | str | None = None
+) -> Feed:
     """The ``Feed`` of a forward pass without a cache: positions 0..T-1, causal masks."""
     positions = torch.arange(T, device=device).expand(B, T)
     return Feed(positions, {w: build_mask(0, T, T, None, w) for w in windows})
@@ -85,7 +89,7 @@ class KVCache:
         pad: torch.Tensor | None = None,
     ):
         self.config = config
-        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        shape = (batch_size, config.kv_heads, max_len, config.head_size)
         self.k = [
             torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)
         ]
@@ -111,7 +115,9 @@ class KVCache:
         masks = {w: build_mask(start, T, start + T, self.pad_mask, w) for w in windows}
         return Feed(positions, masks)
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         start, end = self.length, self.length + k.shape[2]
         if end > self.max_len:
             raise FolkError(f"KV cache full: {end} tokens > capacity {self.max_len}")

@@ -78,6 +78,18 @@ class ModelConfig:
             raise ConfigError(f"unsupported hidden_act {self.hidden_act!r}; expected 'silu'")
 
     @property
+    def kv_heads(self) -> int:
+        """``num_key_value_heads``, which ``__post_init__`` fills in when the file omits it."""
+        assert self.num_key_value_heads is not None, "set by __post_init__"
+        return self.num_key_value_heads
+
+    @property
+    def head_size(self) -> int:
+        """``head_dim``, which ``__post_init__`` derives when the file omits it."""
+        assert self.head_dim is not None, "set by __post_init__"
+        return self.head_dim
+
+    @property
     def rope_type(self) -> str:
         if not self.rope_scaling:
             return "default"

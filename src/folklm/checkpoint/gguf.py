@@ -240,8 +240,8 @@ def _tokenizer(path: Path, meta: dict[str, Any]) -> tuple[Tokenizer, dict[str, A
         raise CheckpointError(f"{path}: {e}") from None
 
 
-def _hf_name(gguf_name: str) -> str | None:
-    """The HF name of a non-stacked GGUF tensor, or None if it is not one we know."""
+def _hf_name(gguf_name: str) -> str:
+    """The HF name of a non-stacked GGUF tensor (one of ``_expected_tensors``)."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     if m := _PER_EXPERT.fullmatch(gguf_name):
@@ -249,7 +249,7 @@ def _hf_name(gguf_name: str) -> str | None:
         return f"model.layers.{layer}.block_sparse_moe.experts.{e}.{_EXPERT_NAMES[kind]}.weight"
     if (m := _LAYER.fullmatch(gguf_name)) and m.group(2) in _LAYER_NAMES:
         return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
-    return None
+    raise CheckpointError(f"GGUF tensor {gguf_name!r} has no Hugging Face name")
 
 
 def _expected_tensors(config: dict[str, Any], biases: bool) -> dict[str, tuple[int, ...]]:
@@ -329,7 +329,7 @@ def _plan(path: Path, config: dict[str, Any], infos: dict[str, Any]) -> dict[str
 
 def _general_metadata(meta: dict[str, Any], infos: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in meta.items() if k.startswith("general.")}
-    file_type = meta.get("general.file_type")
+    file_type = meta.get("general.file_type", -1)  # -1: no type (a ValueError below)
     try:
         out["file_type"] = gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_")
     except ValueError:

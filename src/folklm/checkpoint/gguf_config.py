@@ -114,9 +114,11 @@ def _rope_scaling(
         )
     if kind in (None, "none") and not factor:
         return None
-    if kind in (None, "linear"):
-        return {"rope_type": "linear", "factor": float(factor)}
-    if kind == "yarn":
+    if kind in (None, "linear", "yarn"):
+        if factor is None:
+            raise CheckpointError(f"{path}: rope scaling type {kind!r} without a scaling factor")
+        if kind != "yarn":
+            return {"rope_type": "linear", "factor": float(factor)}
         scaling: dict[str, Any] = {"rope_type": "yarn", "factor": float(factor)}
         if original:
             scaling["original_max_position_embeddings"] = int(original)

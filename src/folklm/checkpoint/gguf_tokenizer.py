@@ -156,6 +156,7 @@ def _byte_level_bpe(tokens: list[str], types: list[int], meta: dict, pre_name: s
             merges.append((left, right))
     split, digits, ignore_merges = _PRE_TOKENIZERS.get(pre_name, (None, False, False))
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges))
+    steps: list[pre.PreTokenizer]
     if split is None:
         steps = [pre.ByteLevel(add_prefix_space=False, use_regex=True)]
     else:
@@ -250,7 +251,9 @@ def _add_special_tokens(tokenizer: Tokenizer, tokens: list[str], types: list[int
 def _set_post_processor(
     tokenizer: Tokenizer, config: dict[str, Any], meta: dict, *, byte_level: bool
 ) -> None:
-    steps = [processors.ByteLevel(trim_offsets=False)] if byte_level else []
+    steps: list[processors.PostProcessor] = (
+        [processors.ByteLevel(trim_offsets=False)] if byte_level else []
+    )
     if config["add_bos_token"] or config["add_eos_token"]:
         bos, eos = config["bos_token"], config["eos_token"]
         head = [bos] if config["add_bos_token"] else []

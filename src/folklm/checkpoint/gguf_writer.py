@@ -142,8 +142,8 @@ def _hparams(writer: gguf.GGUFWriter, arch: str, config: Mapping[str, Any]) -> i
     if config.get("num_local_experts"):
         writer.add_expert_count(int(config["num_local_experts"]))
         writer.add_expert_used_count(int(config["num_experts_per_tok"]))
-    scaling = config.get("rope_scaling") or (rope if rope.get("rope_type") else None)
-    kind = (scaling or {}).get("rope_type") or (scaling or {}).get("type")
+    scaling = config.get("rope_scaling") or (rope if rope.get("rope_type") else {})
+    kind = scaling.get("rope_type") or scaling.get("type")
     if kind in ("linear", "yarn"):
         writer.add_rope_scaling_type(gguf.RopeScalingType(kind))
         writer.add_rope_scaling_factor(float(scaling["factor"]))
@@ -463,7 +463,7 @@ def rewrite_gguf(
     except GGUFFileError as e:
         raise CheckpointError(f"{src}: {e}") from None
     values = read_metadata(reader)
-    arch = values.get("general.architecture")
+    arch = values.get("general.architecture") or ""  # "": the writer adds no such key
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     writer = gguf.GGUFWriter(tmp, arch)
     try:

@@ -23,6 +23,7 @@ import torch
 from folklm.checkpoint.safetensors_io import load_safetensors, release_pages, save_safetensors
 from folklm.config import ModelConfig
 from folklm.errors import CheckpointError
+from folklm.models.llama import CausalLM
 from folklm.models.registry import build_model
 from folklm.ops.rope import RotaryEmbedding, inv_frequencies
 
@@ -91,7 +92,7 @@ def materialize(
     tensors: dict[str, torch.Tensor],
     dtype: torch.dtype,
     source: str,
-) -> torch.nn.Module:
+) -> CausalLM:
     """Build the model on ``meta`` and assign ``tensors`` (cast to ``dtype``) into it."""
     model = build_model(config, "meta")
     expected = model.state_dict()

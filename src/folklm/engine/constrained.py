@@ -11,17 +11,20 @@ Tokens that are not whole UTF-8 text on their own are never allowed under a cons
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from folklm.engine.grammar import JsonGrammar, token_bytes
 
+if TYPE_CHECKING:  # pragma: no cover
+    from folklm.tokenizer import Tokenizer
+
 
 class Vocabulary:
     """Token texts of one tokenizer, grouped for fast masking (built once per model)."""
 
-    def __init__(self, tokenizer: Any, size: int, eos_ids: list[int]):
+    def __init__(self, tokenizer: Tokenizer, size: int, eos_ids: list[int]):
         self.size = size
         self.eos = [i for i in eos_ids if i < size]
         self.texts: list[str | None] = []
@@ -60,9 +63,10 @@ class JsonConstraint:
 
     def _walk(self, state: tuple, text: str) -> tuple | None:
         for ch in text:
-            state = self.grammar.feed(state, ch)
-            if state is None:
+            new = self.grammar.feed(state, ch)
+            if new is None:
                 return None
+            state = new
         return state
 
     def allowed(self, state: tuple) -> torch.Tensor:
@@ -82,7 +86,8 @@ class JsonConstraint:
                 for i in ids
             ]
         for i in candidates:
-            if self._walk(state, v.texts[i]) is not None:  # type: ignore[arg-type]
+            text = v.texts[i]  # never None: candidates are tokens with a text
+            if text is not None and self._walk(state, text) is not None:
                 mask[i] = True
         if self.grammar.accepting(state):
             mask[v.eos] = True

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import torch
 
+from folklm.models.llama import CausalLM
+
 
 @torch.inference_mode()
-def embed(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
+def embed(model: CausalLM, ids: list[int]) -> torch.Tensor:
     """(hidden_size,) float32 unit vector for one token sequence."""
     h = model.hidden_states(torch.tensor([ids], dtype=torch.long))[0].float().mean(dim=0)  # (C,)
     return h / h.norm().clamp_min(1e-12)

@@ -19,6 +19,7 @@ from folklm.engine.runner import ModelRunner
 from folklm.engine.sampler import Sampler
 from folklm.engine.text import TextStream
 from folklm.errors import FolkError
+from folklm.models.llama import CausalLM
 from folklm.ops.sampling import SamplingParams
 from folklm.tokenizer import Tokenizer
 
@@ -57,7 +58,7 @@ class Timings:
 
 
 def generate_stream(
-    model: torch.nn.Module,
+    model: CausalLM,
     tokenizer: Tokenizer,
     prompts: list[list[int]],
     params: SamplingParams,
@@ -121,7 +122,7 @@ def generate_stream(
                 res, stream = results[b], streams[b]
                 timings.generated_tokens += 1
                 res.token_ids.append(t)
-                if info is not None:
+                if info is not None and res.logprobs is not None:
                     res.logprobs.append(info[b])
                 out = stream.push(t)
                 res.text, res.finish_reason = stream.text, stream.finish_reason
@@ -139,7 +140,7 @@ def generate_stream(
 
 
 def generate(
-    model: torch.nn.Module,
+    model: CausalLM,
     tokenizer: Tokenizer,
     prompts: list[list[int]],
     params: SamplingParams,

@@ -16,9 +16,12 @@ A state is a tuple of frames (a stack), each a small tuple, so states hash and m
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from folklm.errors import FolkError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from folklm.tokenizer import Tokenizer
 
 UNSUPPORTED = (
     "pattern",
@@ -52,7 +55,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs), strict=True))
 
 
-def token_bytes(tokenizer: Any) -> list[bytes]:
+def token_bytes(tokenizer: Tokenizer) -> list[bytes]:
     """The raw bytes each token id stands for (b"" for special tokens)."""
     data = json.loads(tokenizer.hf.to_str())
     vocab = tokenizer.hf.get_vocab(with_added_tokens=True)
@@ -92,7 +95,7 @@ class _Compiler:
         if "$ref" in s:
             ref = s["$ref"]
             if ref not in self.refs:
-                self.refs[ref] = idx = self._add(None)
+                self.refs[ref] = idx = self._add(())  # filled in below
                 self.nodes[idx] = self.nodes[self.node(self._resolve(ref, where), ref)]
             return self.refs[ref]
         for key in UNSUPPORTED:
@@ -125,7 +128,7 @@ class _Compiler:
                 return self._add(("any_object",))
             if not isinstance(props, dict):
                 raise FolkError(f"{where}.properties: expected an object")
-            idx = self._add(None)
+            idx = self._add(())  # filled in below, once the properties are compiled
             keys = tuple((k, self.node(v, f"{where}.properties.{k}")) for k, v in props.items())
             self.nodes[idx] = ("object", keys)
             return idx
@@ -146,8 +149,8 @@ class _Compiler:
             return self._add(("any",))
         raise FolkError(f"{where}.type: unknown type {t!r}")
 
-    def _add(self, node: tuple | None) -> int:
-        self.nodes.append(node)  # type: ignore[arg-type]
+    def _add(self, node: tuple) -> int:
+        self.nodes.append(node)
         return len(self.nodes) - 1
 
     def _resolve(self, ref: str, where: str) -> Any:
@@ -166,6 +169,7 @@ class JsonGrammar:
     """Compiled schema + the transition function over characters."""
 
     def __init__(self, schema: dict | None = None):
+        self.nodes: list[tuple]
         if schema is None:
             self.nodes = [("any_object",)]
             self.root = 0

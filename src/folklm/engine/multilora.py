@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -41,12 +42,14 @@ class LoRARowsLinear(nn.Module):
         super().__init__()
         self.base = base
         self.parts = parts  # (full module name, out features), in output order
-        self.offsets = {}
+        self.offsets: dict[str, tuple[int, int]] = {}
         off = 0
         for name, n in parts:
             self.offsets[name] = (off, n)
             off += n
-        self.out_features, self.in_features = off, base.in_features
+        # every adaptable projection (nn.Linear, engine.fast's PackedLinear, the quantized
+        # linears of folklm.kernels) has an int ``in_features``
+        self.out_features, self.in_features = off, cast(int, base.in_features)
         self.slots = slots
         self.rows = rows
         self.rank = 0
@@ -58,12 +61,14 @@ class LoRARowsLinear(nn.Module):
             return
         A = torch.zeros(self.slots, r, self.in_features, dtype=dtype)
         B = torch.zeros(self.slots, self.out_features, r, dtype=dtype)
-        if self.A is not None:
+        if self.A is not None and self.B is not None:  # set together
             A[:, : self.rank] = self.A
             B[:, :, : self.rank] = self.B
         self.A, self.B, self.rank = A, B, r
 
-    def load(self, slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], dtype):
+    def load(
+        self, slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype
+    ) -> None:
         """Put one adapter's (A, s * B) per part into ``slot`` (zeros where it has none).
 
         The parts of a fused layer (q/k/v) have their own A: they are stacked along the
@@ -72,19 +77,21 @@ class LoRARowsLinear(nn.Module):
         if not weights and self.A is None:
             return
         self._ensure_rank(sum(a.shape[0] for a, _ in weights.values()), dtype)
-        self.A[slot].zero_()
-        self.B[slot].zero_()
+        A, B = self.A, self.B
+        assert A is not None and B is not None  # there are weights, or an earlier adapter's
+        A[slot].zero_()
+        B[slot].zero_()
         r0 = 0
         for name, (a, b) in weights.items():
             off, n = self.offsets[name]
             r = a.shape[0]
-            self.A[slot, r0 : r0 + r] = a.to(dtype)  # (r, in)
-            self.B[slot, off : off + n, r0 : r0 + r] = b.to(dtype)  # (out_part, r)
+            A[slot, r0 : r0 + r] = a.to(dtype)  # (r, in)
+            B[slot, off : off + n, r0 : r0 + r] = b.to(dtype)  # (out_part, r)
             r0 += r
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        if not self.rows.active or self.A is None:
+        if not self.rows.active or self.A is None or self.B is None:  # A and B: set together
             return y
         idx = self.rows.index
         A = self.A[idx]  # (B, r, in)
@@ -183,4 +190,4 @@ def _part_sizes(module: nn.Module, n_parts: int) -> list[int]:
         return [n for _, n in parts]
     if n_parts != 1:
         raise FolkError(f"cannot split fused layer {module} into {n_parts} parts")
-    return [module.out_features]
+    return [cast(int, module.out_features)]  # a linear's (see LoRARowsLinear.in_features)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from folklm.engine.sampler import Constraint
 from folklm.errors import FolkError
 from folklm.ops.sampling import DISTRIBUTION_OPTIONS, SamplingParams
 
@@ -42,7 +43,7 @@ class Request:
     logprobs: int | None = None  # None: off; k: the chosen token's and the top-k logprobs
     echo_logprobs: bool = False  # logprobs of the prompt tokens too (completions echo)
     adapter: str | None = None
-    constraint: Any = None  # an object with start()/allowed(state)/advance(state, id)/done()
+    constraint: Constraint | None = None  # e.g. ``engine.constrained.JsonConstraint``
     ignore_eos: bool = False
     id: int = field(default_factory=itertools.count().__next__)
     cancelled: bool = False

@@ -9,11 +9,11 @@ logits of the last position only unless all are wanted (prompt logprobs).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from folklm.cache import Cache, KVCache
+from folklm.engine.multilora import MultiLoRA
+from folklm.models.llama import CausalLM
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,13 +29,15 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
 class ModelRunner:
     """Calls ``model`` over a cache, with the adapter rows of a ``MultiLoRA`` set for it."""
 
-    def __init__(self, model: torch.nn.Module, lora: Any = None):
+    def __init__(self, model: CausalLM, lora: MultiLoRA | None = None):
         self.model = model
         self.lora = lora
         self.config = model.config
         self.dtype = next(model.parameters()).dtype
 
-    def static_cache(self, prompts: list[list[int]], max_len: int, pad_id: int):
+    def static_cache(
+        self, prompts: list[list[int]], max_len: int, pad_id: int
+    ) -> tuple[torch.Tensor, KVCache]:
         """Left-padded ids (B, T) of ``prompts`` and a ``KVCache`` with room for max_len."""
         ids, pad = left_pad(prompts, pad_id)
         return ids, KVCache(self.config, len(prompts), max_len, self.dtype, pad=pad)

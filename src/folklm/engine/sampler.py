@@ -61,7 +61,7 @@ class Sampler:
         self.generator = generator
         B = history.shape[0]
         self.seen = history if params.repetition_penalty != 1.0 else None
-        self.counts = None
+        self.counts: torch.Tensor | None = None
         if params.presence_penalty or params.frequency_penalty:
             self.counts = torch.zeros(B, vocab_size)
         self.constraint = constraint
@@ -72,21 +72,31 @@ class Sampler:
         p = self.params
         out: list[LogitsProcessor] = []
         if self.seen is not None:
-            out.append(lambda x: apply_repetition_penalty(x, self.seen, p.repetition_penalty))
+            out.append(self._repetition)
         if self.counts is not None:
-            out.append(
-                lambda x: apply_presence_frequency(
-                    x, self.counts, p.presence_penalty, p.frequency_penalty
-                )
-            )
+            out.append(self._presence_frequency)
         if self.constraint is not None:
             out.append(self._constrain)
         if not p.greedy:
             out.append(lambda x: filter_logits(x, p))
         return out
 
+    # The processors read the state as it is at each step (``accept`` replaces ``seen``).
+    def _repetition(self, scores: torch.Tensor) -> torch.Tensor:
+        assert self.seen is not None  # installed only with a repetition penalty
+        return apply_repetition_penalty(scores, self.seen, self.params.repetition_penalty)
+
+    def _presence_frequency(self, scores: torch.Tensor) -> torch.Tensor:
+        assert self.counts is not None  # installed only with a presence/frequency penalty
+        p = self.params
+        return apply_presence_frequency(
+            scores, self.counts, p.presence_penalty, p.frequency_penalty
+        )
+
     def _constrain(self, scores: torch.Tensor) -> torch.Tensor:
-        allowed = torch.stack([self.constraint.allowed(s) for s in self.states])  # (B, V)
+        constraint = self.constraint
+        assert constraint is not None  # installed only with a constraint
+        allowed = torch.stack([constraint.allowed(s) for s in self.states])  # (B, V)
         return scores.masked_fill(~allowed, float("-inf"))
 
     def sample(self, logits: torch.Tensor) -> torch.Tensor:

@@ -23,15 +23,20 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
+from folklm.engine.multilora import MultiLoRA
 from folklm.engine.output import OutputProcessor, Sequence, prompt_logprobs
 from folklm.engine.request import QueueFull, Request
 from folklm.engine.runner import ModelRunner
 from folklm.engine.slots import SlotCache
 from folklm.errors import FolkError
+from folklm.models.llama import CausalLM
+
+if TYPE_CHECKING:  # pragma: no cover
+    from folklm.engine.llm import LLM
 
 
 @dataclass
@@ -59,7 +64,7 @@ class Scheduler:
     def __init__(
         self,
         cache: SlotCache,
-        lora: Any,
+        lora: MultiLoRA | None,
         max_queue: int,
         max_prefill_tokens: int,
         stats: dict[str, float],
@@ -106,12 +111,13 @@ class Scheduler:
             adapter = 0
             if req.adapter is not None:
                 try:
-                    adapter = self.lora.acquire(req.adapter)
+                    got_adapter = self._adapters().acquire(req.adapter)
                 except FolkError as exc:
                     self._reject(req, str(exc))
                     continue
-                if adapter is None:
+                if got_adapter is None:
                     return  # every adapter slot is busy: wait for a sequence to finish
+                adapter = got_adapter
             need = len(req.prompt) + req.max_tokens
             reuse = not req.echo_logprobs
             got = self.cache.acquire(req.prompt, need, req.adapter, reuse)
@@ -120,7 +126,7 @@ class Scheduler:
                 got = self.cache.acquire(req.prompt, need, req.adapter, reuse)
             if got is None:
                 if req.adapter is not None:
-                    self.lora.release(req.adapter)
+                    self._adapters().release(req.adapter)
                 if not self.running:  # cannot fit even alone (check_length prevents this)
                     self._reject(req, "no memory")
                     continue
@@ -133,6 +139,12 @@ class Scheduler:
             self.stats["prefix_cached_tokens_total"] += n_cached
             yield Admission(req, slot, n_cached, adapter)
 
+    def _adapters(self) -> MultiLoRA:
+        """The ``MultiLoRA`` for a request that names an adapter."""
+        if self.lora is None:
+            raise FolkError("this engine serves no adapters")
+        return self.lora
+
     def _reject(self, req: Request, error: str) -> None:
         with self._lock:
             self.waiting.popleft()
@@ -142,7 +154,7 @@ class Scheduler:
         """Free what an admission holds when its prefill failed before it started running."""
         self.cache.release(adm.slot, keep=False)
         if adm.req.adapter is not None:
-            self.lora.release(adm.req.adapter)
+            self._adapters().release(adm.req.adapter)
 
     def release(self, seq: Sequence) -> None:
         """Take a sequence out of the batch; its slot keeps the tokens as a prefix."""
@@ -168,17 +180,19 @@ class Engine:
 
     def __init__(
         self,
-        llm: Any,
+        llm: LLM,
         max_batch: int = 16,
         max_queue: int = 256,
         max_len: int | None = None,
         kv_budget_bytes: int = 4 << 30,
-        lora: Any = None,
+        lora: MultiLoRA | None = None,
         keep_prefixes: int = 4,
         max_prefill_tokens: int = 1024,
     ):
         self.llm = llm
-        self.model = llm.model
+        # every loaded model is a CausalLM (models.registry); engine.llm still declares
+        # ``LLM.model`` an nn.Module: drop this cast once it says CausalLM
+        self.model = cast(CausalLM, llm.model)
         self.tokenizer = llm.tokenizer
         self.eos = set(llm.eos_token_ids)
         ctx = llm.config.max_position_embeddings
@@ -253,12 +267,12 @@ class Engine:
         self._thread.join(timeout=30)
 
     @property
-    def lora(self) -> Any:
+    def lora(self) -> MultiLoRA | None:
         """The ``MultiLoRA`` of per-row adapters (settable while idle), or None."""
         return self.runner.lora
 
     @lora.setter
-    def lora(self, lora: Any) -> None:
+    def lora(self, lora: MultiLoRA | None) -> None:
         self.runner.lora = self.scheduler.lora = lora
 
     @property

@@ -40,7 +40,9 @@ class SlotPrefill:
         positions = torch.arange(start, start + T)[None, :]  # (1, T)
         return Feed(positions, {w: build_mask(start, T, start + T, None, w) for w in windows})
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         start, end = self.length, self.length + k.shape[2]
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
@@ -77,7 +79,9 @@ class SlotDecode:
             raise ValueError(f"a decode step feeds one token per row, got {T}")
         return Feed(self.positions[:, None], build_row_masks(self.positions, self.span, windows))
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # k, v: (hi, n_kv, 1, D) -> written at (row, :, positions[row])
         self.k[layer][self._index, :, self.positions] = k[:, :, 0]
         self.v[layer][self._index, :, self.positions] = v[:, :, 0]
@@ -114,7 +118,7 @@ class SlotCache:
         self.budget_bytes = budget_bytes
         elem = torch.empty((), dtype=dtype).element_size()
         self.bytes_per_token = (
-            2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * elem
+            2 * config.num_hidden_layers * config.kv_heads * config.head_size * elem
         )
         self.rows = 0
         self.capacity = 0
@@ -140,7 +144,7 @@ class SlotCache:
     def _realloc(self, rows: int, capacity: int, keep: list[int]) -> None:
         """New buffers of (rows, capacity); row ``keep[i]`` moves to row i."""
         c = self.config
-        shape = (rows, c.num_key_value_heads, capacity, c.head_dim)
+        shape = (rows, c.kv_heads, capacity, c.head_size)
         new_k = [torch.zeros(shape, dtype=self.dtype) for _ in range(c.num_hidden_layers)]
         new_v = [torch.zeros(shape, dtype=self.dtype) for _ in range(c.num_hidden_layers)]
         meta = []

@@ -72,7 +72,8 @@ class CpuInfo:
 @functools.lru_cache(maxsize=1)
 def cpu_info() -> CpuInfo:
     """Read the CPU once per process (``FOLK_CPU_FLAGS_MASK`` removes flags)."""
-    model, flags = platform.processor() or "unknown CPU", set()
+    model = platform.processor() or "unknown CPU"
+    flags: set[str] = set()
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:

@@ -9,6 +9,7 @@ The loader (:mod:`folklm.engine.llm`) needs only this module, never the quantize
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar, cast
 
 import torch
 from torch import nn
@@ -19,6 +20,7 @@ from folklm.kernels.base import QuantizedLinear
 from folklm.kernels.int4 import Int4Linear
 from folklm.kernels.int8 import Int8Linear
 from folklm.kernels.nf4 import NF4Linear
+from folklm.models.llama import CausalLM
 from folklm.models.registry import build_model
 from folklm.ops.rope import RotaryEmbedding, inv_frequencies
 
@@ -94,12 +96,16 @@ def _empty(lin: nn.Linear, s: Scheme, qc: dict, state: dict, name: str) -> Quant
         dtype = getattr(torch, str(qc.get("dtype", "float32")))
         return NF4Linear(K, N, bias, double_quant=dq, dtype=dtype, device="meta")
     dtype = state[f"{name}.scales"].dtype
+    assert s.group_size is not None  # parse_scheme gives every int4 and gptq scheme one
     return Int4Linear(K, N, s.group_size, bias, dtype=dtype, device="meta", name=name)
 
 
+M = TypeVar("M", bound=nn.Module)
+
+
 def load_quantized(
-    model: nn.Module, state: dict[str, torch.Tensor], scheme_config: dict, source: str = ""
-) -> nn.Module:
+    model: M, state: dict[str, torch.Tensor], scheme_config: dict, source: str = ""
+) -> M:
     """Load saved quantized tensors into a plain model (typically built on ``meta``).
 
     Args:
@@ -137,8 +143,8 @@ def load_quantized(
             f"missing tensor {missing[0]!r}" if missing else f"unexpected tensor {unexpected[0]!r}"
         )
         raise CheckpointError(f"{where}{what} for quantization scheme {s.name}")
-    if tied:
-        model.tie_weights()
+    if tied:  # a model with a config: a folklm CausalLM
+        cast(CausalLM, model).tie_weights()
     for m in model.modules():  # non-persistent buffers are still on meta: compute them
         if isinstance(m, RotaryEmbedding) and config is not None:
             m.inv_freq = inv_frequencies(config)
@@ -149,7 +155,7 @@ def load_quantized(
 
 def materialize_quantized(
     config: ModelConfig, tensors: dict[str, torch.Tensor], source: str = ""
-) -> nn.Module:
+) -> CausalLM:
     """Build ``config``'s model on ``meta`` and load a saved quantized checkpoint into it."""
     qc = config.extra.get("quantization_config")
     if not isinstance(qc, dict):
@@ -171,7 +177,7 @@ def cast_float_parts(model: nn.Module, dtype: torch.dtype) -> nn.Module:
         for name, t in list(m.named_parameters(recurse=False)):
             if t.is_floating_point() and t.dtype != dtype:
                 m._parameters[name] = nn.Parameter(t.detach().to(dtype), requires_grad=False)
-        for name, t in list(m.named_buffers(recurse=False)):
-            if t is not None and t.is_floating_point() and t.dtype != dtype and not keep:
-                m._buffers[name] = t.to(dtype)
+        for name, b in list(m.named_buffers(recurse=False)):
+            if b is not None and b.is_floating_point() and b.dtype != dtype and not keep:
+                m._buffers[name] = b.to(dtype)
     return model

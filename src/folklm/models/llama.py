@@ -12,13 +12,14 @@ PEFT adapters address the same modules.
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from folklm.cache import Cache, full_feed
+from folklm.cache import Cache, Masks, Window, full_feed
 from folklm.config import ModelConfig
 from folklm.ops.attention import attention
 from folklm.ops.rope import RotaryEmbedding, apply_rotary
@@ -48,8 +49,8 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads = config.num_attention_heads
-        self.n_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
+        self.n_kv_heads = config.kv_heads
+        self.head_dim = config.head_size
         bias = config.attention_bias
         C = config.hidden_size
         self.q_proj = nn.Linear(C, self.n_heads * self.head_dim, bias=bias)
@@ -60,7 +61,14 @@ class Attention(nn.Module):
         # keeps the three HF names either way.
         self.qkv_proj: nn.Module | None = None
 
-    def forward(self, x, cos, sin, cache: Cache | None, mask: torch.Tensor | None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: Cache | None,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         H, H_kv, D = self.n_heads, self.n_kv_heads, self.head_dim
         if self.qkv_proj is not None:
@@ -116,7 +124,14 @@ class DecoderLayer(nn.Module):
         self.mlp_name = mlp_name
         setattr(self, mlp_name, mlp if mlp is not None else MLP(config))
 
-    def forward(self, x, cos, sin, cache: Cache | None, masks: dict):
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: Cache | None,
+        masks: Masks,
+    ) -> torch.Tensor:
         mask = masks[self.sliding_window]
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
         return x + getattr(self, self.mlp_name)(self.post_attention_layernorm(x))
@@ -135,10 +150,13 @@ def layer_sliding_window(config: ModelConfig, layer_idx: int) -> int | None:
     return config.sliding_window
 
 
+MakeLayer = Callable[[ModelConfig, int], DecoderLayer]  # (config, layer index) -> layer
+
+
 class DecoderModel(nn.Module):
     """The stack: embeddings, decoder layers, final norm (HF's ``model.`` prefix)."""
 
-    def __init__(self, config: ModelConfig, make_layer=DecoderLayer):
+    def __init__(self, config: ModelConfig, make_layer: MakeLayer = DecoderLayer):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(make_layer(config, i) for i in range(config.num_hidden_layers))
@@ -154,13 +172,15 @@ class CausalLM(nn.Module):
     sit (positions, masks: ``folklm.cache.Cache``) and advances by T afterwards.
     """
 
-    def __init__(self, config: ModelConfig, make_layer=DecoderLayer):
+    def __init__(self, config: ModelConfig, make_layer: MakeLayer = DecoderLayer):
         super().__init__()
         self.config = config
         self.model = DecoderModel(config, make_layer)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.windows = sorted(
-            {layer.sliding_window for layer in self.model.layers}, key=lambda w: w or 0
+        # the attention windows of the layers (None: full), each once, for ``Cache.feed``
+        self.windows: list[Window] = sorted(
+            {cast(DecoderLayer, layer).sliding_window for layer in self.model.layers},
+            key=lambda w: w or 0,
         )
 
     def tie_weights(self) -> None:

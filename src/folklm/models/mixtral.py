@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from folklm.config import ModelConfig
+from folklm.errors import ConfigError
 from folklm.models.llama import CausalLM, DecoderLayer
 
 
@@ -32,9 +33,12 @@ class Expert(nn.Module):
 class SparseMoE(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.top_k = config.num_experts_per_tok
-        self.gate = nn.Linear(config.hidden_size, config.num_local_experts, bias=False)
-        self.experts = nn.ModuleList(Expert(config) for _ in range(config.num_local_experts))
+        n_experts, top_k = config.num_local_experts, config.num_experts_per_tok
+        if not (n_experts and top_k):  # ModelConfig checks this for model_type "mixtral"
+            raise ConfigError("mixtral config needs num_local_experts and num_experts_per_tok")
+        self.top_k = top_k
+        self.gate = nn.Linear(config.hidden_size, n_experts, bias=False)
+        self.experts = nn.ModuleList(Expert(config) for _ in range(n_experts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape

@@ -11,7 +11,7 @@ from folklm.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from folklm.errors import ConfigError
 from folklm.models import llama, mixtral
 
-BUILDERS: dict[str, Callable[[ModelConfig], torch.nn.Module]] = {
+BUILDERS: dict[str, Callable[[ModelConfig], llama.CausalLM]] = {
     "llama": llama.build,
     "mistral": llama.build,
     "qwen2": llama.build,

@@ -9,6 +9,8 @@ slot q sees key slot k only when ``q - k < sliding_window``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 
@@ -29,14 +31,15 @@ def build_mask(
         pad_mask: (B, kv_len) bool, False where the slot holds padding.
         sliding_window: Mistral-style window size, or None.
     """
-    window_active = sliding_window is not None and kv_len > sliding_window
-    if pad_mask is None and not window_active and (q_len == 1 or q_start == 0):
+    # the window when it hides some key, else None
+    window = sliding_window if sliding_window is not None and kv_len > sliding_window else None
+    if pad_mask is None and window is None and (q_len == 1 or q_start == 0):
         return None  # one query sees every cached key, or plain causal over a fresh sequence
     q_slots = torch.arange(q_start, q_start + q_len)[:, None]  # (T, 1)
     k_slots = torch.arange(kv_len)[None, :]  # (1, S)
     mask = k_slots <= q_slots  # (T, S)
-    if window_active:
-        mask = mask & (q_slots - k_slots < sliding_window)
+    if window is not None:
+        mask = mask & (q_slots - k_slots < window)
     mask = mask[None, None]  # (1, 1, T, S)
     if pad_mask is not None:
         mask = mask & pad_mask[:, None, None, :kv_len]
@@ -46,13 +49,15 @@ def build_mask(
     return mask
 
 
-def build_row_masks(positions: torch.Tensor, span: int, windows) -> dict[int | None, torch.Tensor]:
+def build_row_masks(
+    positions: torch.Tensor, span: int, windows: Iterable[int | None]
+) -> dict[int | None, torch.Tensor | None]:
     """{window: (B, 1, 1, span) bool} for one query per row at its own slot: row b sees key
     slots ``<= positions[b]`` (and within the window), whatever the other rows' lengths."""
     k = torch.arange(span)[None, :]  # (1, S)
     q = positions[:, None]  # (B, 1)
     base = k <= q
-    masks = {}
+    masks: dict[int | None, torch.Tensor | None] = {}
     for w in windows:
         m = base if w is None else base & (q - k < w)
         masks[w] = m[:, None, None, :]

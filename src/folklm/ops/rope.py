@@ -23,7 +23,7 @@ from folklm.errors import ConfigError
 
 def inv_frequencies(config: ModelConfig, dim: int | None = None) -> torch.Tensor:
     """Inverse frequencies ``theta^(-2i/d)`` after the config's scaling, in float64 -> float32."""
-    dim = dim or config.head_dim
+    dim = dim or config.head_size
     steps = torch.arange(0, dim, 2, dtype=torch.float64, device="cpu")  # never on meta
     inv_freq = 1.0 / (config.rope_theta ** (steps / dim))
     rope_type = config.rope_type
@@ -61,11 +61,15 @@ def _llama3_scale(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
 class RotaryEmbedding(torch.nn.Module):
     """Holds the inverse frequencies; returns (cos, sin) for given positions."""
 
+    inv_freq: torch.Tensor  # a buffer (register_buffer)
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.register_buffer("inv_freq", inv_frequencies(config), persistent=False)
 
-    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
+    def forward(
+        self, position_ids: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # position_ids: (B, T) -> cos, sin: (B, 1, T, head_dim)
         freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
