@@ -39,8 +39,8 @@ def write_tiny_gguf(folder, out, dtype: str):
 @pytest.mark.parametrize("family", ["llama", "qwen2", "llama_tied", "mixtral"])
 def test_tiny_quantized_load_matches_dequantized(bpe_models, tmp_path, family: str) -> None:
     path = write_tiny_gguf(bpe_models(family), tmp_path / "m.gguf", "q4_0")
-    quant = folklm.load(path)
-    plain = folklm.load(path, fast=False)
+    quant = folklm.load(path, dtype="float32")
+    plain = folklm.load(path, dtype="float32", fast=False)
     mods = list(quant.model.modules())
     assert isinstance(quant.model.model.embed_tokens, GGUFEmbedding)
     assert isinstance(quant.model.lm_head, GGUFLinear)  # Q8_0 output (or the tied embedding)
@@ -71,8 +71,8 @@ PROMPTS = [
 
 @pytest.mark.slow
 def test_default_model_quantized_equals_dequantized(default_gguf) -> None:
-    quant = folklm.load(default_gguf)
-    plain = folklm.load(default_gguf, fast=False)
+    quant = folklm.load(default_gguf, dtype="float32")
+    plain = folklm.load(default_gguf, dtype="float32", fast=False)
     assert isinstance(quant.model.lm_head, GGUFLinear)
     kls, agree, total, kls1, agree1 = [], 0, 0, [], 0
     for prompt in PROMPTS:
@@ -114,7 +114,7 @@ def test_default_model_quantized_equals_dequantized(default_gguf) -> None:
 PEAK = textwrap.dedent(
     """
     import json, sys, folklm
-    llm = folklm.load(sys.argv[1], fast=sys.argv[2] == "quantized")
+    llm = folklm.load(sys.argv[1], dtype="float32", fast=sys.argv[2] == "quantized")
     llm.generate("Hello", max_new_tokens=4, temperature=0)
     status = open("/proc/self/status").read().split("\\n")
     hwm = [l for l in status if l.startswith("VmHWM")][0].split()[1]
@@ -163,7 +163,7 @@ QWEN_RUN = textwrap.dedent(
         return int([l for l in open("/proc/self/status") if l.startswith(key)][0].split()[1])
     import torch, folklm
     base = kb("VmHWM")  # the interpreter with torch imported, before any model
-    llm = folklm.load(sys.argv[1])
+    llm = folklm.load(sys.argv[1], dtype="float32")
     out = llm.generate(sys.argv[2], max_new_tokens=32, temperature=0)
     ids = llm.encode_prompt(sys.argv[2])
     print(json.dumps({"peak_kb": kb("VmHWM"), "base_kb": base, "prompt": ids,
