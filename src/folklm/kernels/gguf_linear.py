@@ -31,22 +31,17 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize as gguf_dequantize
 from torch import nn
 
 from folklm.kernels import native
 
-# (weights per block, bytes per block) of the encodings computed on directly.
+# (weights per block, bytes per block) of the encodings computed on directly, as the gguf
+# package (llama.cpp's own tables) gives them.
 BLOCKS: dict[Q, tuple[int, int]] = {
-    Q.Q4_0: (32, 18),
-    Q.Q4_1: (32, 20),
-    Q.Q5_0: (32, 22),
-    Q.Q5_1: (32, 24),
-    Q.Q8_0: (32, 34),
-    Q.Q4_K: (256, 144),
-    Q.Q5_K: (256, 176),
-    Q.Q6_K: (256, 210),
+    q: GGML_QUANT_SIZES[q] for q in (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K)
 }
 PREFILL_ROWS = 8  # activation rows from which the dequantize-tile + float GEMM path is used
 TILE_WEIGHTS = 1 << 20  # weights dequantized per tile (4 MB of float32 scratch)
