@@ -103,15 +103,17 @@ def pack_linears(model: nn.Module, fuse: bool = True) -> nn.Module:
     layers become int8 ones (no NF4 kernel)."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if getattr(child, "scheme", "") == "nf4" and hasattr(child, "to_int8"):
-                setattr(module, name, child.to_int8())
+            to_int8 = getattr(child, "to_int8", None)
+            if getattr(child, "scheme", "") == "nf4" and to_int8 is not None:
+                setattr(module, name, to_int8())
     if not packing_available():
         return model
     # Weights that other modules still use (a tied embedding): their pages must stay.
     shared = {
-        m.weight.data_ptr()
+        weight.data_ptr()
         for m in model.modules()
-        if not isinstance(m, nn.Linear) and isinstance(getattr(m, "weight", None), torch.Tensor)
+        if not isinstance(m, nn.Linear)
+        and isinstance(weight := getattr(m, "weight", None), torch.Tensor)
     }
 
     def swap(parent: nn.Module, names: tuple[str, ...], slot: str) -> None:

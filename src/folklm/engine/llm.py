@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard, cast, overload
 
 import torch
 
@@ -30,6 +30,7 @@ from folklm.engine.generate import Completion, Timings, generate, generate_strea
 from folklm.errors import CheckpointError, FolkError
 from folklm.kernels.gguf_linear import install_gguf_modules
 from folklm.kernels.schemes import cast_float_parts, materialize_quantized
+from folklm.models.llama import CausalLM
 from folklm.ops.sampling import SamplingParams
 from folklm.tokenizer import Tokenizer
 
@@ -64,7 +65,7 @@ class LLM:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: CausalLM,
         tokenizer: Tokenizer,
         generation_config: dict | None = None,
         source: str = "",
@@ -95,7 +96,9 @@ class LLM:
         return sorted(set(ids))
 
     # -- prompts --------------------------------------------------------------------------
-    def encode_prompt(self, prompt: str | list[dict[str, Any]], chat: bool | None = None):
+    def encode_prompt(
+        self, prompt: str | list[dict[str, Any]], chat: bool | None = None
+    ) -> list[int]:
         """Token ids for a plain prompt, or for a conversation through the chat template.
 
         ``chat=None`` uses the chat template when the model has one.
@@ -111,6 +114,24 @@ class LLM:
         return self.tokenizer.encode(prompt)
 
     # -- generation -----------------------------------------------------------------------
+    @overload
+    def generate(
+        self,
+        prompts: str | list[dict[str, Any]],
+        params: SamplingParams | None = None,
+        chat: bool | None = None,
+        **kwargs: Any,
+    ) -> GenerationOutput: ...
+
+    @overload
+    def generate(
+        self,
+        prompts: list[str],
+        params: SamplingParams | None = None,
+        chat: bool | None = None,
+        **kwargs: Any,
+    ) -> list[GenerationOutput]: ...
+
     def generate(
         self,
         prompts: str | list[str] | list[dict[str, Any]],
@@ -125,10 +146,12 @@ class LLM:
         ``frequency_penalty``, ``stop``, ``seed``, ``logprobs``, ...).
         """
         params = params or SamplingParams(**kwargs)
-        single = isinstance(prompts, str) or (
-            isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)
-        )
-        batch = [prompts] if single else list(prompts)
+        batch: list[str | list[dict[str, Any]]]
+        if isinstance(prompts, str) or _is_conversation(prompts):
+            single, batch = True, [prompts]
+        else:
+            # not a conversation (caught above): a list of prompts
+            single, batch = False, list(cast(list[str], prompts))
         ids = [self.encode_prompt(p, chat) for p in batch]
         timings = Timings()
         results = generate(self.model, self.tokenizer, ids, params, self.eos_token_ids, timings)
@@ -169,6 +192,11 @@ class LLM:
             timings=timings,
             logprobs=r.logprobs,
         )
+
+
+def _is_conversation(prompts: object) -> TypeGuard[list[dict[str, Any]]]:
+    """A list of ``{"role", "content"}`` messages: one prompt, not a batch."""
+    return isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], dict)
 
 
 def load(
@@ -237,7 +265,7 @@ def load(
 
 def _load_with_adapter(
     path: Path,
-    dtype,
+    dtype: str | torch.dtype | None,
     allow_pickle: bool,
     fast: bool,
     t0: float,
@@ -255,8 +283,11 @@ def _load_with_adapter(
             lin = llm.model.get_submodule(name)
         except AttributeError:
             raise CheckpointError(f"{path}: adapter layer {name!r} is not in {base}") from None
+        weight = lin.weight  # an nn.Linear's (fast=False above)
+        if not isinstance(weight, torch.Tensor):
+            raise CheckpointError(f"{path}: adapter layer {name!r} has no dense weight")
         with torch.no_grad():
-            lin.weight.copy_(fused_weight(lin.weight, w, adapter.config.scaling))
+            weight.copy_(fused_weight(weight, w, adapter.config.scaling))
     if fast:
         pack_linears(llm.model)
     llm.source, llm.load_seconds = str(path), time.perf_counter() - t0

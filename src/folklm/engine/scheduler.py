@@ -23,7 +23,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -190,9 +190,7 @@ class Engine:
         max_prefill_tokens: int = 1024,
     ):
         self.llm = llm
-        # every loaded model is a CausalLM (models.registry); engine.llm still declares
-        # ``LLM.model`` an nn.Module: drop this cast once it says CausalLM
-        self.model = cast(CausalLM, llm.model)
+        self.model: CausalLM = llm.model
         self.tokenizer = llm.tokenizer
         self.eos = set(llm.eos_token_ids)
         ctx = llm.config.max_position_embeddings

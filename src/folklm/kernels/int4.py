@@ -152,6 +152,10 @@ class Int4Linear(QuantizedLinear):
     """A frozen linear layer with int4 group-wise weights (see the module docstring)."""
 
     kernel_max_rows = {torch.bfloat16: 256, torch.float16: 256, torch.float32: 2}
+    # buffers (registered in __init__, all non-persistent)
+    scales_and_zeros: torch.Tensor  # (K/G, N, 2)
+    qweight: torch.Tensor | None  # canonical nibbles (N, K/2), or None
+    packed: torch.Tensor | None  # kernel layout, or None
 
     def __init__(
         self,
@@ -249,7 +253,10 @@ class Int4Linear(QuantizedLinear):
         if self.qweight is not None:
             return unpack_nibbles(self.qweight)
         N, K = self.out_features, self.in_features
-        return _unpack_kernel_layout(self.packed, N, K, self.layout_block)
+        packed, block = self.packed, self.layout_block
+        if packed is None or block is None:  # _set keeps qweight unless the layout is known
+            raise RuntimeError("Int4Linear: neither qweight nor a known packed layout")
+        return _unpack_kernel_layout(packed, N, K, block)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         N, K, G = self.out_features, self.in_features, self.group_size

@@ -68,6 +68,9 @@ class Int8Linear(QuantizedLinear):
 
     scheme = "int8"
     kernel_max_rows = {torch.bfloat16: 8, torch.float16: 8, torch.float32: 2}
+    # buffers (registered in __init__)
+    qweight: torch.Tensor  # (out_features, in_features) int8
+    scales: torch.Tensor  # (out_features,)
 
     def __init__(
         self,

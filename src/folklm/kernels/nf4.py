@@ -122,6 +122,13 @@ class NF4Linear(QuantizedLinear):
     """A frozen linear layer with NF4 weights (see the module docstring)."""
 
     scheme = "nf4"
+    # buffers (registered in __init__): the packed codes, and the per-block constants,
+    # double-quantized (absmax_q, absmax_scale, absmax_offset) or not (absmax)
+    qweight: torch.Tensor
+    absmax_q: torch.Tensor
+    absmax_scale: torch.Tensor
+    absmax_offset: torch.Tensor
+    absmax: torch.Tensor
 
     def __init__(
         self,
@@ -137,16 +144,16 @@ class NF4Linear(QuantizedLinear):
         self.double_quant = double_quant
         numel = in_features * out_features
         blocks = -(-numel // BLOCK_SIZE)
-        kw = {"device": device}
-        q = torch.zeros(blocks * BLOCK_SIZE // 2, dtype=torch.uint8, **kw)
+        q = torch.zeros(blocks * BLOCK_SIZE // 2, dtype=torch.uint8, device=device)
         self.register_buffer("qweight", q)
         if double_quant:
             n2 = -(-blocks // DQ_BLOCK_SIZE)
-            self.register_buffer("absmax_q", torch.zeros(blocks, dtype=torch.int8, **kw))
-            self.register_buffer("absmax_scale", torch.ones(n2, **kw))
-            self.register_buffer("absmax_offset", torch.zeros(1, **kw))
+            absmax_q = torch.zeros(blocks, dtype=torch.int8, device=device)
+            self.register_buffer("absmax_q", absmax_q)
+            self.register_buffer("absmax_scale", torch.ones(n2, device=device))
+            self.register_buffer("absmax_offset", torch.zeros(1, device=device))
         else:
-            self.register_buffer("absmax", torch.ones(blocks, **kw))
+            self.register_buffer("absmax", torch.ones(blocks, device=device))
         # The dtype the weight is dequantized to when the activations do not say (dequantize()).
         self.compute_dtype = dtype
         self._init_bias(bias, dtype, device)
