@@ -58,7 +58,8 @@ class Scorer:
         self.tokenizer = llm.tokenizer
         self.batch_size = batch_size
         config = self.model.config
-        self.max_length = int(max_length or getattr(config, "max_position_embeddings", 2048))
+        positions = getattr(config, "max_position_embeddings", 2048)
+        self.max_length = int(max_length or positions)
         bos = self.tokenizer.bos_token_id
         self.prefix_token = bos if bos is not None else self.tokenizer.eos_token_id
         self.dtype = next(self.model.parameters()).dtype
@@ -118,14 +119,14 @@ class Scorer:
         results: list[tuple[float, bool] | None] = [None] * len(pairs)
         batch: list[tuple[int, ...]] = []
         rows = 0
-        for ctx in order:
-            n = len(groups[ctx])
+        for key in order:
+            n = len(groups[key])
             if batch and rows + n > self.batch_size:
                 self._score_batch(batch, groups, pairs, results)
                 if progress:
                     progress(rows)
                 batch, rows = [], 0
-            batch.append(ctx)
+            batch.append(key)
             rows += n
         if batch:
             self._score_batch(batch, groups, pairs, results)
@@ -171,7 +172,10 @@ class Scorer:
         for r, (g, i) in enumerate(rows):
             cont = pairs[i][1]
             target = torch.tensor(cont)
-            lp = [first[g]] + ([later[r, : len(cont) - 1]] if len(cont) > 1 else [])
+            lp = [first[g]]
+            if len(cont) > 1:
+                assert later is not None  # T > 0: phase 2 ran
+                lp.append(later[r, : len(cont) - 1])
             logp = torch.cat([t.reshape(-1, first.shape[-1]) for t in lp])  # (len(cont), V)
             ll = logp.gather(1, target[:, None]).sum().item()
             greedy = bool((logp.argmax(-1) == target).all())
