@@ -7,8 +7,6 @@ by llama.cpp's reference Q8_0/Q4_0 quantizers (:mod:`folklm.checkpoint.gguf_enco
 
 from __future__ import annotations
 
-from typing import cast
-
 import torch
 from gguf import GGMLQuantizationType
 from torch import nn
@@ -35,8 +33,10 @@ def gguf_tensors(model: nn.Module, target: str) -> dict[str, torch.Tensor | Enco
             and ".experts." not in name  # experts are stacked as floats by the writer
         )
         if exact:
-            # buffers, which torch's stubs type as Tensor | Module (Module.__getattr__)
-            data = int8_as_q8_0(cast(torch.Tensor, m.qweight), cast(torch.Tensor, m.scales))
+            qweight, scales = m.qweight, m.scales
+            # buffers; nn.Module.__getattr__ is typed Tensor | Module
+            assert isinstance(qweight, torch.Tensor) and isinstance(scales, torch.Tensor)
+            data = int8_as_q8_0(qweight, scales)
             out[f"{name}.weight"] = Encoded(data, GGMLQuantizationType.Q8_0)
         else:
             out[f"{name}.weight"] = m.dequantize(torch.float32)
