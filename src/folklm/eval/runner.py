@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from folklm.engine.llm import LLM
 from folklm.errors import FolkError
 from folklm.eval import metrics as M
 from folklm.eval.data import load_records
@@ -191,7 +192,7 @@ def _n_units(spec: TaskSpec, items: list[dict[str, Any]]) -> int:
 
 
 def evaluate(
-    llm: Any,
+    llm: LLM,
     specs: list[TaskSpec],
     *,
     limit: int | None = None,

@@ -23,7 +23,9 @@ import torch
 
 from folklm.cache import KVCache
 from folklm.engine.generate import generate
+from folklm.engine.llm import LLM
 from folklm.errors import FolkError
+from folklm.models.llama import CausalLM
 from folklm.ops.sampling import SamplingParams
 
 Pair = tuple[list[int], list[int]]
@@ -50,19 +52,28 @@ def rolling_windows(tokens: list[int], prefix: int, max_len: int) -> list[Pair]:
 class Scorer:
     """Scores requests with a folklm model (an ``LLM``: ``.model`` and ``.tokenizer``)."""
 
-    def __init__(self, llm: Any, batch_size: int = 16, max_length: int | None = None):
+    def __init__(self, llm: LLM, batch_size: int = 16, max_length: int | None = None):
         if batch_size < 1:
             raise FolkError(f"batch size must be >= 1, got {batch_size}")
         self.llm = llm
-        self.model = llm.model
+        model = llm.model
+        assert isinstance(model, CausalLM)  # load() builds every architecture as a CausalLM
+        self.model = model
         self.tokenizer = llm.tokenizer
         self.batch_size = batch_size
         config = self.model.config
         positions = getattr(config, "max_position_embeddings", 2048)
         self.max_length = int(max_length or positions)
         bos = self.tokenizer.bos_token_id
-        self.prefix_token = bos if bos is not None else self.tokenizer.eos_token_id
+        self._prefix_token = bos if bos is not None else self.tokenizer.eos_token_id
         self.dtype = next(self.model.parameters()).dtype
+
+    @property
+    def prefix_token(self) -> int:
+        """The token a sequence starts with (BOS, else EOS): the first one's context."""
+        if self._prefix_token is None:
+            raise FolkError("the tokenizer has no BOS or EOS token to start a sequence with")
+        return self._prefix_token
 
     # -- tokenization ---------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -152,7 +163,7 @@ class Scorer:
             ids[g, L - len(c) :] = torch.tensor(c)
             pads.append(L - len(c))
         # phase 1: the contexts, once each; logits of the last position predict token 1
-        cache = KVCache(self.model.config, G, L, self.dtype, pad=torch.tensor(pads))
+        cache = KVCache(self.llm.config, G, L, self.dtype, pad=torch.tensor(pads))
         first = torch.log_softmax(self.model(ids, cache, logits="last")[:, -1], dim=-1)
 
         rows = [(g, i) for g, c in enumerate(ctxs) for i in groups[c]]
