@@ -83,7 +83,9 @@ class FolkLM(LM):
             texts = self.scorer.generate(contexts, until, max_toks, **dict(opts))
             for i, t in zip(idx, texts, strict=True):
                 out[i] = t
-        return out  # type: ignore[return-value]
+        done = [t for t in out if t is not None]
+        assert len(done) == len(out)  # every request belongs to one batch
+        return done
 
 
 SAMPLING_KEYS = (*DISTRIBUTION_OPTIONS, "seed")

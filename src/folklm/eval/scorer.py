@@ -143,7 +143,9 @@ class Scorer:
             self._score_batch(batch, groups, pairs, results)
             if progress:
                 progress(rows)
-        return results  # type: ignore[return-value]
+        done = [r for r in results if r is not None]
+        assert len(done) == len(results)  # every request belongs to one scored batch
+        return done
 
     def _truncate(self, ctx: list[int], cont: list[int]) -> list[int]:
         """Left-truncate so that context + continuation - 1 fits the model's positions."""
