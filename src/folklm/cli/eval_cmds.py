@@ -61,7 +61,10 @@ def _model_name(model: str | None) -> tuple[str | None, str]:
     from folklm.hub.resolve import hub_name  # lazy: `folk --help` starts without the hub
 
     name = hub_name(model)
-    return name, name if model is None else model
+    if model is None:
+        assert name is not None  # hub_name(None) is the bundled default's name
+        return name, name
+    return name, model
 
 
 def _compare(a: str, b: str, as_json: bool) -> None:

@@ -176,7 +176,9 @@ def open_text(name: str, encoding: str = "utf-8", newline: str | None = None) ->
     """
     user = _user_copy(name)
     name = name.removeprefix(SCHEME)
-    raw: IO[bytes] = open(user, "rb") if user is not None else _open_stored(_entry(name))
+    raw: IO[bytes] | gzip.GzipFile = (
+        open(user, "rb") if user is not None else _open_stored(_entry(name))
+    )
     if name.endswith(".gz"):
         raw = gzip.GzipFile(fileobj=raw)
     elif name.endswith(".bz2"):

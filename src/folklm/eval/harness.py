@@ -30,7 +30,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 from lm_eval.utils import simple_parse_args_string
 
-from folklm.engine.llm import load  # noqa: E402
+from folklm.engine.llm import LLM, load  # noqa: E402
 from folklm.eval.scorer import Scorer  # noqa: E402
 from folklm.hub.resolve import resolve_path  # noqa: E402
 
@@ -45,7 +45,7 @@ class FolkLM(LM):
         dtype: str = "float32",
         batch_size: int | str = 16,
         max_length: int | None = None,
-        llm: Any = None,
+        llm: LLM | None = None,
         **_: Any,
     ) -> None:
         super().__init__()
@@ -83,7 +83,9 @@ class FolkLM(LM):
             texts = self.scorer.generate(contexts, until, max_toks, **dict(opts))
             for i, t in zip(idx, texts, strict=True):
                 out[i] = t
-        return out  # type: ignore[return-value]
+        done = [t for t in out if t is not None]
+        assert len(done) == len(out)  # every request belongs to one batch
+        return done
 
 
 SAMPLING_KEYS = (*DISTRIBUTION_OPTIONS, "seed")

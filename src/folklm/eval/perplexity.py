@@ -34,9 +34,10 @@ def _network_and_tokenizer(llm_or_model: Any, tokenizer: Any) -> tuple[nn.Module
     if isinstance(llm_or_model, nn.Module):
         net = llm_or_model
     else:
-        net = getattr(llm_or_model, "model", None)
-        if not isinstance(net, nn.Module):
+        model = getattr(llm_or_model, "model", None)
+        if not isinstance(model, nn.Module):
             raise FolkError(f"cannot evaluate a {type(llm_or_model).__name__}: expected a model")
+        net = model
         tokenizer = tokenizer if tokenizer is not None else getattr(llm_or_model, "tokenizer", None)
     if tokenizer is None:
         raise FolkError("perplexity needs a tokenizer: pass the LLM or a tokenizer")

@@ -12,9 +12,17 @@ from rich.progress import Progress
 @contextmanager
 def bar(enabled: bool, total: int, label: str = "eval") -> Iterator[Callable[[int], None]]:
     if not enabled:
-        yield lambda n=1: None
+
+        def skip(n: int = 1) -> None:
+            pass
+
+        yield skip
         return
 
     with Progress(console=Console(stderr=True), transient=True) as p:
         task = p.add_task(label, total=total)
-        yield lambda n=1: p.update(task, advance=n)
+
+        def advance(n: int = 1) -> None:
+            p.update(task, advance=n)
+
+        yield advance

@@ -8,16 +8,17 @@ scores (the agreement tests compare those with lm-evaluation-harness's).
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from folklm.engine.llm import LLM
 from folklm.errors import FolkError
 from folklm.eval import metrics as M
 from folklm.eval.data import load_records
 from folklm.eval.progress import bar
 from folklm.eval.scorer import Scorer
-from folklm.eval.tasks import TaskSpec, check_uniform, fewshot_prefix
+from folklm.eval.tasks import Filter, TaskSpec, check_uniform, fewshot_prefix
 
 FEWSHOT_SEED = 1234  # the harness's default fewshot_random_seed
 
@@ -123,14 +124,17 @@ def score_task(
             "byte_perplexity": M.weighted_perplexity(lls, nbytes),
             "bits_per_byte": M.bits_per_byte(lls, nbytes),
         }
-        out = {k: (v, None) for k, v in values.items() if k in spec.metrics}
+        out: dict[str, tuple[float, float | None]] = {
+            k: (v, None) for k, v in values.items() if k in spec.metrics
+        }
         return {"metrics": out, "per_item": [{"ll": ll} for ll in lls]}
     if spec.kind == "generate":
         texts = scorer.generate(
             [it["context"] for it in items], spec.until, spec.max_gen_tokens, progress
         )
-        out, per_item = {}, [{"response": t} for t in texts]
-        filters = spec.filters or [None]
+        out = {}
+        per_item: list[dict[str, Any]] = [{"response": t} for t in texts]
+        filters: Sequence[Filter | None] = spec.filters or [None]
         for f in filters:
             scores = []
             for it, rec, text in zip(items, per_item, texts, strict=True):
@@ -188,7 +192,7 @@ def _n_units(spec: TaskSpec, items: list[dict[str, Any]]) -> int:
 
 
 def evaluate(
-    llm: Any,
+    llm: LLM,
     specs: list[TaskSpec],
     *,
     limit: int | None = None,

@@ -23,7 +23,9 @@ import torch
 
 from folklm.cache import KVCache
 from folklm.engine.generate import generate
+from folklm.engine.llm import LLM
 from folklm.errors import FolkError
+from folklm.models.llama import CausalLM
 from folklm.ops.sampling import SamplingParams
 
 Pair = tuple[list[int], list[int]]
@@ -50,18 +52,28 @@ def rolling_windows(tokens: list[int], prefix: int, max_len: int) -> list[Pair]:
 class Scorer:
     """Scores requests with a folklm model (an ``LLM``: ``.model`` and ``.tokenizer``)."""
 
-    def __init__(self, llm: Any, batch_size: int = 16, max_length: int | None = None):
+    def __init__(self, llm: LLM, batch_size: int = 16, max_length: int | None = None):
         if batch_size < 1:
             raise FolkError(f"batch size must be >= 1, got {batch_size}")
         self.llm = llm
-        self.model = llm.model
+        model = llm.model
+        assert isinstance(model, CausalLM)  # load() builds every architecture as a CausalLM
+        self.model = model
         self.tokenizer = llm.tokenizer
         self.batch_size = batch_size
         config = self.model.config
-        self.max_length = int(max_length or getattr(config, "max_position_embeddings", 2048))
+        positions = getattr(config, "max_position_embeddings", 2048)
+        self.max_length = int(max_length or positions)
         bos = self.tokenizer.bos_token_id
-        self.prefix_token = bos if bos is not None else self.tokenizer.eos_token_id
+        self._prefix_token = bos if bos is not None else self.tokenizer.eos_token_id
         self.dtype = next(self.model.parameters()).dtype
+
+    @property
+    def prefix_token(self) -> int:
+        """The token a sequence starts with (BOS, else EOS): the first one's context."""
+        if self._prefix_token is None:
+            raise FolkError("the tokenizer has no BOS or EOS token to start a sequence with")
+        return self._prefix_token
 
     # -- tokenization ---------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -118,20 +130,22 @@ class Scorer:
         results: list[tuple[float, bool] | None] = [None] * len(pairs)
         batch: list[tuple[int, ...]] = []
         rows = 0
-        for ctx in order:
-            n = len(groups[ctx])
+        for key in order:
+            n = len(groups[key])
             if batch and rows + n > self.batch_size:
                 self._score_batch(batch, groups, pairs, results)
                 if progress:
                     progress(rows)
                 batch, rows = [], 0
-            batch.append(ctx)
+            batch.append(key)
             rows += n
         if batch:
             self._score_batch(batch, groups, pairs, results)
             if progress:
                 progress(rows)
-        return results  # type: ignore[return-value]
+        done = [r for r in results if r is not None]
+        assert len(done) == len(results)  # every request belongs to one scored batch
+        return done
 
     def _truncate(self, ctx: list[int], cont: list[int]) -> list[int]:
         """Left-truncate so that context + continuation - 1 fits the model's positions."""
@@ -151,7 +165,7 @@ class Scorer:
             ids[g, L - len(c) :] = torch.tensor(c)
             pads.append(L - len(c))
         # phase 1: the contexts, once each; logits of the last position predict token 1
-        cache = KVCache(self.model.config, G, L, self.dtype, pad=torch.tensor(pads))
+        cache = KVCache(self.llm.config, G, L, self.dtype, pad=torch.tensor(pads))
         first = torch.log_softmax(self.model(ids, cache, logits="last")[:, -1], dim=-1)
 
         rows = [(g, i) for g, c in enumerate(ctxs) for i in groups[c]]
@@ -171,7 +185,10 @@ class Scorer:
         for r, (g, i) in enumerate(rows):
             cont = pairs[i][1]
             target = torch.tensor(cont)
-            lp = [first[g]] + ([later[r, : len(cont) - 1]] if len(cont) > 1 else [])
+            lp = [first[g]]
+            if len(cont) > 1:
+                assert later is not None  # T > 0: phase 2 ran
+                lp.append(later[r, : len(cont) - 1])
             logp = torch.cat([t.reshape(-1, first.shape[-1]) for t in lp])  # (len(cont), V)
             ll = logp.gather(1, target[:, None]).sum().item()
             greedy = bool((logp.argmax(-1) == target).all())

@@ -21,10 +21,14 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+
+import torch
 
 from folklm.checkpoint.gguf import read_gguf
+from folklm.checkpoint.gguf_encode import Encoded
 from folklm.checkpoint.gguf_writer import rewrite_gguf, write_gguf
 from folklm.checkpoint.hf import read_config, read_generation_config, read_weights, save_folder
 from folklm.config import ModelConfig
@@ -168,6 +172,7 @@ def _export_gguf(
         raise FolkError(f"{entry.name} is a PEFT adapter; only full models export to GGUF")
     config = read_config(src)
     scheme = config.extra.get("quantization_config")
+    tensors: Mapping[str, torch.Tensor | Encoded]
     if isinstance(scheme, dict):  # a folklm-quantized entry: Q8_0 / Q4_0 blocks
         if dtype == "auto":
             dtype = default_gguf_type(str(scheme.get("scheme")))
@@ -181,7 +186,8 @@ def _export_gguf(
     return write_gguf(
         out,
         config.to_dict(),
-        tensors,
+        # write_gguf takes Encoded blocks too (its docstring); its annotation says Tensor only
+        cast("Mapping[str, torch.Tensor]", tensors),
         tokenizer,
         read_generation_config(src),
         dtype=dtype,

@@ -33,7 +33,10 @@ def gguf_tensors(model: nn.Module, target: str) -> dict[str, torch.Tensor | Enco
             and ".experts." not in name  # experts are stacked as floats by the writer
         )
         if exact:
-            data = int8_as_q8_0(m.qweight, m.scales)
+            qweight, scales = m.qweight, m.scales
+            # buffers; nn.Module.__getattr__ is typed Tensor | Module
+            assert isinstance(qweight, torch.Tensor) and isinstance(scales, torch.Tensor)
+            data = int8_as_q8_0(qweight, scales)
             out[f"{name}.weight"] = Encoded(data, GGMLQuantizationType.Q8_0)
         else:
             out[f"{name}.weight"] = m.dequantize(torch.float32)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 from folklm.errors import FolkError
 
@@ -68,7 +69,20 @@ class License:
 
 
 _META_AUP = "Meta's Acceptable Use Policy (https://llama.meta.com/use-policy)"
-_LLAMA3X = dict(
+
+
+class _LicenseTerms(TypedDict):
+    """The :class:`License` fields the Llama 3.x community licences share."""
+
+    commercial: bool
+    use_policy: str
+    family: str
+    name_prefix: tuple[str, str, str]
+    attribution: str
+    user_limit: str
+
+
+_LLAMA3X = _LicenseTerms(
     commercial=True,
     use_policy=_META_AUP,
     family="llama3",
@@ -502,8 +516,8 @@ def derive(
                 inherited.append(i)
                 terms.notes.append(f"{i}: inherited from {parent}")
     problems = []
-    for i, (pa, ta) in enumerate(parents):
-        for pb, tb in parents[i + 1 :]:
+    for n, (pa, ta) in enumerate(parents):
+        for pb, tb in parents[n + 1 :]:
             for la in filter(None, ta.licenses):
                 for lb in filter(None, tb.licenses):
                     if why := conflict(la, lb):

@@ -51,7 +51,7 @@ def remove_many(names: list[str]) -> list[dict[str, Any]]:
     refs = [parse_ref(n) for n in names]
     if not refs:
         return []
-    reports = []
+    reports: list[dict[str, Any]] = []
     retired: dict[str, tuple[list[dict], list[str]]] = {}
     digests = []
     with _store_or_unknown(names[0]) as store:
@@ -95,6 +95,7 @@ def tag(src: str, dst: str) -> catalogue.Entry:
                 released = store.retire(conn, old["id"], now)
             entry = catalogue.load_entry(conn, row, str(target))
         if released:
+            assert old is not None  # blobs are released only when an old entry was retired
             store.release(released)
             store.drop_entry_folders([old["digest"]])
     ids = split_expression(entry.license.get("expression"))
@@ -135,6 +136,7 @@ def verify(name: str | None = None) -> dict[str, Any]:
         total = 0
         for sha in sorted(users):
             path = store.blob_path(sha)
+            problem: str | None
             if not path.is_file():
                 problem = "blob missing"
             else:

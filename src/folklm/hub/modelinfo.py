@@ -137,7 +137,8 @@ def _inspect_folder(folder: Path) -> ModelInfo:
         )
     if not weights and not pickles:
         raise FolkError(f"{folder}: not a model (config.json but no weights: *.safetensors)")
-    params, dtypes = 0, Counter()
+    params = 0
+    dtypes: Counter[str] = Counter()
     for rel in weights:
         for name, info in safetensors_header(files[rel]).items():
             try:
@@ -196,8 +197,9 @@ def _inspect_gguf(path: Path) -> ModelInfo:
     tensors = [t for t in reader.tensors if t.name != "rope_freqs.weight"]
     if not tensors:
         raise FolkError(f"{path}: not a model (a vocabulary-only GGUF file has no tensors)")
-    try:
-        quant = gguf.LlamaFileType(meta.get("general.file_type")).name.removeprefix("MOSTLY_")
+    quant: str | None
+    try:  # a missing file type (-1) is not a LlamaFileType either
+        quant = gguf.LlamaFileType(meta.get("general.file_type", -1)).name.removeprefix("MOSTLY_")
     except ValueError:
         counts = Counter(t.tensor_type.name for t in tensors if len(t.shape) > 1)
         quant = counts.most_common(1)[0][0] if counts else None

@@ -362,6 +362,7 @@ def _commit(store: Store, p: _Pending, link: bool) -> Entry:
                 now,
             ),
         ).lastrowid
+        assert mid is not None  # an INSERT sets lastrowid
         conn.executemany(
             "INSERT INTO files (model_id, path, sha256, size) VALUES (?, ?, ?, ?)",
             [(mid, rel, sha, size) for rel, sha, size in manifest],

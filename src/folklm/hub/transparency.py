@@ -138,7 +138,8 @@ def _energy(key: str, unit: str) -> Check:
 
 
 def _stages(e: Entry, tree: LineageNode) -> tuple[str, str]:
-    chain, node = [], tree
+    chain: list[str] = []
+    node: LineageNode | None = tree
     while node is not None:
         chain.append(f"{node.operation} ({node.name})")
         node = node.parents[0] if node.parents else None

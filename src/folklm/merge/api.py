@@ -73,7 +73,8 @@ def describe_inputs(
     """(a record per input with its content hash, the registry parents in order)."""
     records: list[dict[str, Any]] = []
     parents: list[str] = []
-    for role, m in [("base", base)] * (base is not None) + [("model", o) for o in others]:
+    roles: list[tuple[str, OpenModel]] = [("base", base)] if base is not None else []
+    for role, m in roles + [("model", o) for o in others]:
         rec: dict[str, Any] = {"role": role, "model": m.spec.ref}
         if m.registry is not None:
             rec["registry"] = m.registry
@@ -136,4 +137,5 @@ def merge_models(
         stats = run_merge(
             cfg, d.folder, max_shard_bytes=max_shard_bytes, progress=progress, opened=opened
         )
+    assert d.entry is not None  # registered when the with block ended without error
     return MergeReport(d.entry, stats, inputs)

@@ -107,11 +107,13 @@ def merge_tensor(
         return others[0]
     glob = cfg.parameters
     if m == "slerp":
+        assert base is not None  # config.NEEDS_BASE: the recipe was refused without one
         return methods.slerp(float(_value(glob.get("t"), name, t, "t")), base, others[0])
     weights = [float(_value(cfg.param(x, "weight"), name, t, "weight")) for x in cfg.models]
     normalize = bool(_value(glob.get("normalize"), name, t, "normalize", _default(m, "normalize")))
     if m == "linear":
         return methods.linear(others, weights, normalize)
+    assert base is not None  # every method below is in config.NEEDS_BASE
     lam = float(_value(glob.get("lambda"), name, t, "lambda", 1.0))
     if m == "task_arithmetic":
         return methods.task_arithmetic(base, others, weights, lam=lam, normalize=normalize)

@@ -220,11 +220,12 @@ def ties(
             done(t[s : s + chunk])
         for i in range(len(xs)):
             if generators is not None:
-                if keeps[i] is not None:
-                    kept = keeps[i][s : s + chunk]
+                mask = keeps[i]
+                if mask is not None:
+                    kept = mask[s : s + chunk]
                     deltas[i] = torch.where(kept, deltas[i] / densities[i], 0.0)
-            elif cuts[i] is not None:
-                keep, ties_left[i] = _keep_mask(deltas[i].abs(), cuts[i][0], ties_left[i])
+            elif (cut := cuts[i]) is not None:
+                keep, ties_left[i] = _keep_mask(deltas[i].abs(), cut[0], ties_left[i])
                 deltas[i] *= keep
         deltas.mul_(w.unsqueeze(1))
         sign = elect_sign(deltas)

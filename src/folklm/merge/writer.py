@@ -14,6 +14,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -74,7 +75,7 @@ class StreamingWriter:
         self._order = [(i, s) for i, shard in enumerate(self.shards) for s in shard]
         self._next = 0
         self._shard = -1
-        self._file = None
+        self._file: BinaryIO | None = None
         self.bytes_written = 0
 
     def _finish_file(self) -> None:
@@ -112,7 +113,8 @@ class StreamingWriter:
             self._open(index)
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
         if data.numel():
-            self._file.write(memoryview(data.numpy()))
+            assert self._file is not None  # the shard of `index` is open (just above)
+            self._file.write(data.numpy().data)  # the array's buffer, as a memoryview
         self.bytes_written += data.numel()
         self._next += 1
 

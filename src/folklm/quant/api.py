@@ -123,6 +123,7 @@ def quantize(
     if s.method == "gptq":
         if calibration is None:
             raise FolkError(f"scheme {s.name} needs calibration text (or token ids)")
+        assert s.group_size is not None  # parse_scheme gives every gptq scheme a group size
         cfg = replace(gptq or GPTQConfig(), group_size=s.group_size)
         batches = calibration_batches(
             calibration, getattr(model, "tokenizer", None), cfg.n_samples, cfg.seq_len
@@ -155,6 +156,7 @@ def _quantize_linear(lin: nn.Linear, s: Scheme, name: str) -> QuantizedLinear:
         return Int8Linear.from_linear(lin)
     if s.method == "nf4":
         return NF4Linear.from_linear(lin)
+    assert s.group_size is not None  # parse_scheme gives int4 and gptq schemes a group size
     return Int4Linear.from_linear(lin, s.group_size, name=name)  # int4, or GPTQ's leftovers
 
 

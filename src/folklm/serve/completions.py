@@ -27,11 +27,11 @@ def encode_prompts(body: CompletionRequest, served: ServedModel) -> list[list[in
     if isinstance(p, str):
         prompts = [tok.encode(p)]
     elif isinstance(p[0], str):
-        prompts = [tok.encode(s) for s in p]  # type: ignore[arg-type]
+        prompts = [tok.encode(s) for s in p]
     elif isinstance(p[0], int):
-        prompts = [list(p)]  # type: ignore[arg-type]
+        prompts = [list(p)]
     else:
-        prompts = [list(x) for x in p]  # type: ignore[union-attr]
+        prompts = [list(x) for x in p]
     vocab = served.engine.vocab
     for k, ids in enumerate(prompts):
         if not ids:

@@ -31,11 +31,11 @@ async def create(body: EmbeddingRequest, served: ServedModel) -> JSONResponse:
     elif not x:
         raise FolkError("input must not be empty")
     elif isinstance(x[0], str):
-        inputs = [tok.encode(s) for s in x]  # type: ignore[arg-type]
+        inputs = [tok.encode(s) for s in x]
     elif isinstance(x[0], int):
-        inputs = [list(x)]  # type: ignore[arg-type]
+        inputs = [list(x)]
     else:
-        inputs = [list(i) for i in x]  # type: ignore[union-attr]
+        inputs = [list(i) for i in x]
     if len(inputs) > MAX_INPUTS:
         raise FolkError(f"input: at most {MAX_INPUTS} items, got {len(inputs)}")
     for k, ids in enumerate(inputs):

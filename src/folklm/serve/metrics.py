@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from collections.abc import Mapping
+
+from folklm.engine.scheduler import Engine
 
 BUCKETS = {
     "time_to_first_token_seconds": (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
@@ -41,7 +44,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.http = Counter()  # (route, status) -> count
+        self.http: Counter[tuple[str, int]] = Counter()  # (route, status) -> count
         self.hist = {name: Histogram(b) for name, b in BUCKETS.items()}
 
     def observe(self, name: str, value: float) -> None:
@@ -52,7 +55,7 @@ class Metrics:
         with self.lock:
             self.http[(route, status)] += 1
 
-    def render(self, engines: dict[str, object]) -> str:
+    def render(self, engines: Mapping[str, Engine]) -> str:
         out: list[str] = []
         p = "folk_"
         with self.lock:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
 
 from folklm.checkpoint.peft import is_adapter_dir
+from folklm.engine.scheduler import Engine
 from folklm.errors import FolkError
 from folklm.hub import api
 from folklm.hub.names import parse_ref
@@ -36,7 +36,7 @@ class ModelTable:
         self.adapter_paths: dict[str, Path] = {}
         self.token_text: dict[int, TokenText] = {}
 
-    def add_base(self, name: str, engine: Any) -> ServedModel:
+    def add_base(self, name: str, engine: Engine) -> ServedModel:
         served = ServedModel(name, engine, created=int(time.time()))
         self.models[name] = self.bases[name] = served
         self.token_text[id(engine)] = TokenText(engine.tokenizer)

@@ -16,6 +16,7 @@ from typing import Any
 
 from folklm.engine.grammar import token_bytes
 from folklm.engine.scheduler import Engine, Request
+from folklm.tokenizer import Tokenizer
 
 
 @dataclass
@@ -33,7 +34,7 @@ class ServedModel:
 class TokenText:
     """Token id -> text piece and raw bytes, for logprobs (cached per tokenizer)."""
 
-    def __init__(self, tokenizer: Any):
+    def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
         self.bytes = token_bytes(tokenizer)
 

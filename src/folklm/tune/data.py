@@ -90,7 +90,7 @@ def read_records(path: str | Path) -> list[Record]:
     stripped = text.lstrip()
     if stripped.startswith("["):
         return _json_array(p, text)
-    records = []
+    records: list[Record] = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue

@@ -62,7 +62,7 @@ def wrap(module: nn.Module, recipe, ctx: Context) -> nn.Module:
 
 def no_sync(module: nn.Module):
     """Skip the gradient all-reduce (gradient accumulation micro-batches but the last)."""
-    return module.no_sync() if hasattr(module, "no_sync") else nullcontext()
+    return module.no_sync() if isinstance(module, DDP) else nullcontext()
 
 
 def all_reduce_sum(t: torch.Tensor, ctx: Context) -> torch.Tensor:

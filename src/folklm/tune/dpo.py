@@ -10,18 +10,20 @@ at 0 (the adapter's B is zero) and should grow on held-out pairs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from folklm.models.llama import CausalLM
 from folklm.tune.data import IGNORE, PreferenceExample
 from folklm.tune.lora import lora_layers, set_adapters_enabled
 from folklm.tune.loss import pad_right, token_losses
 
 
-def sequence_logps(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor):
+def sequence_logps(model: CausalLM, input_ids: torch.Tensor, labels: torch.Tensor):
     """Sum of log p(target token) per row: (B, T) -> (B,)."""
     losses, sel = token_losses(model, input_ids, labels)
     rows = sel.nonzero()[:, 0]
@@ -37,7 +39,7 @@ def adapters_disabled(model: nn.Module):
         set_adapters_enabled(model, True)
 
 
-def dpo_terms(model: nn.Module, input_ids, labels, beta: float):
+def dpo_terms(model: CausalLM, input_ids, labels, beta: float):
     """(per-pair losses, margins) for a batch whose first half is chosen, second rejected."""
     policy = sequence_logps(model, input_ids, labels)
     with torch.no_grad(), adapters_disabled(model):
@@ -49,7 +51,7 @@ def dpo_terms(model: nn.Module, input_ids, labels, beta: float):
 
 
 class DPOLoss(nn.Module):
-    def __init__(self, model: nn.Module, beta: float):
+    def __init__(self, model: CausalLM, beta: float):
         super().__init__()
         self.model, self.beta = model, beta
 
@@ -64,12 +66,12 @@ class DPOTask:
     def __init__(self, beta: float, pad_id: int = 0, eval_batch_size: int = 4):
         self.beta, self.pad_id, self.eval_batch_size = beta, pad_id, eval_batch_size
 
-    def module(self, model: nn.Module) -> nn.Module:
+    def module(self, model: CausalLM) -> nn.Module:
         if not any(True for _ in lora_layers(model)):
             raise ValueError("DPO here needs a LoRA adapter (the reference is the base)")
         return DPOLoss(model, self.beta)
 
-    def collate(self, examples: list[PreferenceExample]) -> dict[str, torch.Tensor]:
+    def collate(self, examples: Sequence[PreferenceExample]) -> dict[str, torch.Tensor]:
         seqs, labels = [], []
         for answer in ("chosen_ids", "rejected_ids"):
             for e in examples:
@@ -87,7 +89,7 @@ class DPOTask:
         )
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, examples) -> dict[str, float]:
+    def evaluate(self, model: CausalLM, examples) -> dict[str, float]:
         """Mean DPO loss, preference margin and reward accuracy (margin > 0) of ``examples``."""
         was = model.training
         model.eval()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,9 @@ from folklm.kernels.base import QuantizedLinear
 ALL_LINEAR = "all-linear"
 
 
-def base_weight(layer: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
+def base_weight(
+    layer: nn.Linear | QuantizedLinear, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """The dense ``(out, in)`` weight of an ``nn.Linear`` or a quantized linear."""
     if isinstance(layer, QuantizedLinear):
         return layer.dequantize(dtype or torch.float32)
@@ -43,7 +46,7 @@ class LoRALinear(nn.Module):
 
     def __init__(
         self,
-        base_layer: nn.Module,
+        base_layer: nn.Linear | QuantizedLinear,
         r: int,
         alpha: float,
         dropout: float = 0.0,
@@ -256,7 +259,7 @@ def dequantize_linears(model: nn.Module) -> list[str]:
     """Replace every quantized linear (a QLoRA base) by a dense ``nn.Linear``."""
     names = [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
     for name in names:
-        q = model.get_submodule(name)
+        q = cast(QuantizedLinear, model.get_submodule(name))  # a name listed just above
         lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None)
         with torch.no_grad():
             lin.weight.copy_(q.dequantize(torch.float32))

@@ -14,9 +14,13 @@ again for the softmax backward). Two savings, both exact:
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
+from folklm.kernels.base import QuantizedLinear
+from folklm.models.llama import CausalLM
 from folklm.tune.data import IGNORE
 
 CHUNK_ROWS = 512
@@ -71,19 +75,19 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor)
     return _LinearCE.apply(h, weight, y)
 
 
-def hidden_states(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+def hidden_states(model: CausalLM, input_ids: torch.Tensor) -> torch.Tensor:
     """Final-norm hidden states (B, T, C) of a folklm causal LM, no KV cache (training)."""
     return model.hidden_states(input_ids)
 
 
-def head_weight(model: nn.Module) -> torch.Tensor:
-    head = model.lm_head
+def head_weight(model: CausalLM) -> torch.Tensor:
+    head: nn.Module = model.lm_head  # an nn.Linear, or a QuantizedLinear swapped in
     if hasattr(head, "weight") and isinstance(head.weight, torch.Tensor):
         return head.weight
-    return head.dequantize(torch.float32)  # a quantized head (frozen)
+    return cast(QuantizedLinear, head).dequantize(torch.float32)  # a quantized head (frozen)
 
 
-def token_losses(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor):
+def token_losses(model: CausalLM, input_ids: torch.Tensor, labels: torch.Tensor):
     """Cross-entropy (N,) of every target position and its (row, col) indices.
 
     ``labels`` (B, T) holds the token to predict at the same position (``IGNORE`` = none);
@@ -99,7 +103,7 @@ def token_losses(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor
 class CausalLMLoss(nn.Module):
     """``model`` plus its loss, so that DDP/FSDP wrap one ``forward`` that returns it."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: CausalLM):
         super().__init__()
         self.model = model
 
@@ -121,7 +125,7 @@ class SFTTask:
     def __init__(self, pad_id: int = 0, eval_batch_size: int = 8):
         self.pad_id, self.eval_batch_size = pad_id, eval_batch_size
 
-    def module(self, model: nn.Module) -> nn.Module:
+    def module(self, model: CausalLM) -> nn.Module:
         return CausalLMLoss(model)
 
     def collate(self, examples) -> dict[str, torch.Tensor]:
@@ -137,7 +141,7 @@ class SFTTask:
         return sum(len(e.input_ids) for e in examples)
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, examples) -> dict[str, float]:
+    def evaluate(self, model: CausalLM, examples) -> dict[str, float]:
         """Mean cross-entropy per target token over ``examples``."""
         was = model.training
         model.eval()

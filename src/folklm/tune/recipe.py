@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -137,7 +138,7 @@ def _convert(key: str, value: Any, kind: Any, where: str) -> Any:
 
 def build_recipe(
     config: str | Path | None = None,
-    overrides: list[str] | dict[str, Any] = (),
+    overrides: Sequence[str] | dict[str, Any] = (),
     method: str | None = None,
 ) -> Recipe:
     """Defaults <- YAML file <- ``--method`` <- ``key=value`` overrides, then validated.
@@ -166,9 +167,11 @@ def build_recipe(
             put(str(key), value, str(path))
     if method is not None:
         put("method", method, "--method")
-    items = overrides.items() if isinstance(overrides, dict) else None
+    items: Iterable[tuple[str, Any]] | None = (
+        overrides.items() if isinstance(overrides, dict) else None
+    )
     if items is None:
-        pairs = []
+        pairs: list[tuple[str, Any]] = []
         for text in overrides:
             if "=" not in text:
                 raise FolkError(f"override {text!r} is not key=value")

@@ -15,22 +15,23 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 
 from folklm.checkpoint.hf import save_folder
 from folklm.checkpoint.peft import AdapterConfig, save_adapter
 from folklm.config import ModelConfig
-from folklm.engine.llm import load
+from folklm.engine.llm import LLM, load
 from folklm.errors import FolkError
 from folklm.hub.derive import derive
 from folklm.hub.names import ModelRef, parse_ref
 from folklm.hub.resolve import resolve, resolve_path
 from folklm.hub.store import folk_home
+from folklm.models.llama import CausalLM
 from folklm.quant.api import quantize
 from folklm.tune import distributed as dist_
-from folklm.tune.data import build_dataset
+from folklm.tune.data import Dataset, build_dataset
 from folklm.tune.dpo import DPOTask
 from folklm.tune.lora import (
     adapter_state,
@@ -61,7 +62,7 @@ def adapter_config(recipe: Recipe, base: str | None) -> AdapterConfig:
     )
 
 
-def prepare_model(llm, recipe: Recipe, base: str | None):
+def prepare_model(llm: LLM, recipe: Recipe, base: str | None) -> AdapterConfig | None:
     """Attach the trainable part for ``recipe.method``; returns the adapter config or None."""
     model = llm.model
     if recipe.method == "full":
@@ -104,7 +105,7 @@ def finetune(
         raise FolkError("--merge applies to adapters; a full fine-tune is already a whole model")
     ctx = dist_.context()
     llm = load(base.path, dtype="float32", fast=False, resolve_base=resolve_path)
-    plain_config = copy.deepcopy(llm.model.config)
+    plain_config = copy.deepcopy(llm.config)  # llm.model.config, as loaded
     ds = build_dataset(
         data,
         llm.tokenizer,
@@ -122,10 +123,10 @@ def finetune(
     if not resume and ctx.rank == 0 and run_dir.exists():
         shutil.rmtree(run_dir)
     dist_.barrier(ctx)
-    llm.model.train()
-    result = train(
-        llm.model, recipe, task, train_ex, eval_ex, run_dir, resume=resume, progress=progress
-    )
+    net = llm.model
+    assert isinstance(net, CausalLM)  # load() builds every architecture as a CausalLM
+    net.train()
+    result = train(net, recipe, task, train_ex, eval_ex, run_dir, resume=resume, progress=progress)
     summary: dict[str, Any] = {
         "entry": str(ref),
         "method": recipe.method,
@@ -162,16 +163,25 @@ def finetune(
 class _Run:
     """What a finished training run hands to the hub."""
 
-    llm: Any  # folklm.engine.llm.LLM, its model in training form
+    llm: LLM  # its model in training form
     plain_config: ModelConfig  # the base's config before any adapter or quantization
     adapter: AdapterConfig | None  # None: a full fine-tune
     recipe: Recipe
-    dataset: Any  # folklm.tune.data.Dataset: format and counts for the record
+    dataset: Dataset  # format and counts for the record
     data: str | Path
     ref: ModelRef
     parent: str | None  # the base's hub name, if it came from the hub
     source: str  # the base as given
     run_dir: Path
+
+
+class _Record(TypedDict):
+    """The :func:`~folklm.hub.derive.derive` arguments the adapter and the merge share."""
+
+    recipe: dict[str, Any]
+    data_files: list[str | Path]
+    seed: int
+    started_at: float
 
 
 def _save_and_register(
@@ -189,7 +199,7 @@ def _save_and_register(
         "dropped": ds.dropped,
     }
     operation = {"full": "finetune", "dpo": "dpo"}.get(run.recipe.method, "adapter")
-    record = dict(
+    record = _Record(
         recipe=full_recipe, data_files=[run.data], seed=run.recipe.seed, started_at=started
     )
     out: dict[str, Any] = {}
@@ -206,6 +216,7 @@ def _save_and_register(
             files = llm.tokenizer.files()
             save_folder(d.folder, run.plain_config, tensors, files, llm.generation_config)
             out["model_path"] = str(d.folder)
+    assert d.entry is not None  # registered when the with block ended without error
     out["entry"] = d.entry.name
     if merge:
         merge_lora(llm.model)

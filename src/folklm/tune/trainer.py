@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from folklm.errors import FolkError
+from folklm.models.llama import CausalLM
 from folklm.tune import distributed as dist_
 from folklm.tune.recipe import Recipe
 
@@ -41,7 +42,7 @@ from folklm.tune.recipe import Recipe
 class Task(Protocol):
     """What the loop needs from SFT or DPO."""
 
-    def module(self, model: nn.Module) -> nn.Module: ...  # forward(**batch) -> loss sum
+    def module(self, model: CausalLM) -> nn.Module: ...  # forward(**batch) -> loss sum
 
     def collate(self, examples: Sequence[Any]) -> dict[str, torch.Tensor]: ...
 
@@ -49,7 +50,7 @@ class Task(Protocol):
 
     def tokens(self, examples: Sequence[Any]) -> int: ...  # real (unpadded) tokens
 
-    def evaluate(self, model: nn.Module, examples: Sequence[Any]) -> dict[str, float]: ...
+    def evaluate(self, model: CausalLM, examples: Sequence[Any]) -> dict[str, float]: ...
 
 
 @dataclass
@@ -89,7 +90,8 @@ class DataStream:
     (seed, epoch), so any position can be recomputed after a restart."""
 
     def __init__(self, n: int, seed: int):
-        self.n, self.seed, self._perm = n, seed, (-1, None)
+        self.n, self.seed = n, seed
+        self._perm: tuple[int, list[int]] = (-1, [])  # (epoch, permutation): none yet
 
     def __getitem__(self, k: int) -> int:
         epoch = k // self.n
@@ -111,7 +113,7 @@ def split_eval(examples: list, recipe: Recipe) -> tuple[list, list]:
     return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in perm[:k]]
 
 
-def enable_activation_checkpointing(model: nn.Module) -> None:
+def enable_activation_checkpointing(model: CausalLM) -> None:
     """Recompute each decoder layer in the backward pass instead of storing its activations."""
     for layer in model.model.layers:
         inner = layer.forward
@@ -232,7 +234,7 @@ def _progress(enabled: bool, total: int, start: int):
 
 # -- the loop -----------------------------------------------------------------------------
 def train(
-    model: nn.Module,
+    model: CausalLM,
     recipe: Recipe,
     task: Task,
     train_examples: list,
