@@ -32,7 +32,7 @@ def close(a, b, what):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_static_cache_left_padded_rows_prefill_chunk_and_single_tokens(tiny_models, family):
     _, folder = tiny_models(family)
-    llm = folklm.load(folder)
+    llm = folklm.load(folder, dtype="float32")
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(3, 128, (n,), generator=g).tolist() for n in LENGTHS]
     L = max(LENGTHS)
@@ -53,7 +53,7 @@ def test_static_cache_left_padded_rows_prefill_chunk_and_single_tokens(tiny_mode
 @pytest.mark.parametrize("family", ["llama", "mistral"])
 def test_forked_prefixes_continue_like_the_full_sequence(tiny_models, family):
     _, folder = tiny_models(family)
-    llm = folklm.load(folder)
+    llm = folklm.load(folder, dtype="float32")
     g = torch.Generator().manual_seed(1)
     ctxs = [torch.randint(3, 128, (n,), generator=g).tolist() for n in (11, 5)]
     L = 11
@@ -75,7 +75,7 @@ def test_forked_prefixes_continue_like_the_full_sequence(tiny_models, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_slot_cache_prefill_then_decode_rows_at_different_lengths(tiny_models, family):
     _, folder = tiny_models(family)
-    llm = folklm.load(folder)
+    llm = folklm.load(folder, dtype="float32")
     g = torch.Generator().manual_seed(2)
     total = 30
     seqs = [torch.randint(3, 128, (total,), generator=g).tolist() for _ in range(3)]

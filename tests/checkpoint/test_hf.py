@@ -22,7 +22,7 @@ def copy_model(folder, tmp_path):
 
 def test_weights_are_memory_mapped_not_copied(tiny_models):
     _, folder = tiny_models("llama")
-    llm = folklm.load(folder)
+    llm = folklm.load(folder, dtype="float32")
     file_size = (folder / "model.safetensors").stat().st_size
     storages = {p.untyped_storage().data_ptr() for p in llm.model.parameters()}
     # every parameter is a view into the one mapping of the file
@@ -48,7 +48,7 @@ def test_sharded_checkpoint(tiny_models, tmp_path):
     ids = torch.randint(3, 128, (1, 8))
     with torch.no_grad():
         torch.testing.assert_close(
-            folklm.load(dst).model(ids), hf(ids).logits, atol=1e-4, rtol=1e-4
+            folklm.load(dst, dtype="float32").model(ids), hf(ids).logits, atol=1e-4, rtol=1e-4
         )
 
 
@@ -60,7 +60,7 @@ def test_pickled_weights_refused_unless_allowed(tiny_models, tmp_path):
     with pytest.raises(CheckpointError, match="pickle") as err:
         folklm.load(dst)
     assert "\n" not in str(err.value)
-    llm = folklm.load(dst, allow_pickle=True)
+    llm = folklm.load(dst, dtype="float32", allow_pickle=True)
     ids = torch.randint(3, 128, (1, 8))
     with torch.no_grad():
         torch.testing.assert_close(llm.model(ids), hf(ids).logits, atol=1e-4, rtol=1e-4)
@@ -137,7 +137,7 @@ def test_save_folder_round_trip(tiny_models, tmp_path):
     from folklm.checkpoint.hf import save_folder
 
     _, folder = tiny_models("mixtral")
-    llm = folklm.load(folder)
+    llm = folklm.load(folder, dtype="float32")
     out = save_folder(
         tmp_path / "copy",
         llm.config,
@@ -145,7 +145,7 @@ def test_save_folder_round_trip(tiny_models, tmp_path):
         llm.tokenizer.files(),
         llm.generation_config,
     )
-    again = folklm.load(out)
+    again = folklm.load(out, dtype="float32")
     ids = torch.randint(3, 128, (1, 8))
     with torch.no_grad():
         torch.testing.assert_close(again.model(ids), llm.model(ids))

@@ -45,7 +45,7 @@ def reference_penalised_greedy(model, prompt, n, presence, frequency) -> list[in
 @pytest.mark.parametrize("presence,frequency", [(0.8, 0.0), (0.0, 0.6), (0.5, 1.5), (-2.0, 2.0)])
 def test_presence_frequency_penalties_via_llm_generate(tiny_models, family, presence, frequency):
     _, folder = tiny_models(family)
-    llm = folklm.load(folder)
+    llm = folklm.load(folder, dtype="float32")
     prompt = " ".join(f"t{i}" for i in PROMPT)
     kw = dict(max_new_tokens=16, ignore_eos=True, chat=False)
     out = llm.generate(prompt, presence_penalty=presence, frequency_penalty=frequency, **kw)
@@ -58,7 +58,7 @@ def test_presence_frequency_penalties_via_llm_generate(tiny_models, family, pres
 
 def test_logprobs_through_llm_generate(tiny_models):
     _, folder = tiny_models("llama")
-    llm = folklm.load(folder)
+    llm = folklm.load(folder, dtype="float32")
     out = llm.generate("t5 t9 t17", max_new_tokens=5, ignore_eos=True, logprobs=3, chat=False)
     ids = llm.tokenizer.encode("t5 t9 t17")
     with torch.no_grad():
@@ -91,7 +91,7 @@ def engine_tokens(engine: Engine, prompt: list[int], n: int, **kw) -> list[int]:
 @pytest.mark.parametrize("family", ["llama", "mistral"])
 def test_repetition_penalty_and_min_p_through_the_server_engine(tiny_models, family):
     hf, folder = tiny_models(family)
-    llm = folklm.load(folder)
+    llm = folklm.load(folder, dtype="float32")
     engine = Engine(llm, max_batch=4)
     try:
         # repetition penalty, greedy: the tokens of transformers
@@ -134,7 +134,7 @@ def test_repetition_penalty_and_min_p_through_the_server_engine(tiny_models, fam
 )
 def test_options_are_checked_in_one_place_for_every_path(tiny_models, bad):
     _, folder = tiny_models("llama")
-    llm = folklm.load(folder)
+    llm = folklm.load(folder, dtype="float32")
     name = next(iter(bad))
     with pytest.raises(FolkError, match=name):
         SamplingParams(**bad).validate()

@@ -207,12 +207,11 @@ class NF4Linear(QuantizedLinear):
     def to_int8(self) -> QuantizedLinear:
         """An ``Int8Linear`` (per-channel scales, bf16) for inference: the default.
 
-        NF4 has no CPU kernel (dequantizing per call is an order of magnitude slower than
-        the packed kernels), so ``engine.fast.pack_linears`` converts NF4 layers for
-        inference. int8 keeps the NF4 model's predictions (``bench/nf4.py``: mean KL
-        against the NF4 model 0.0028 nats/token, top-1 agreement 96.7 % on 2,048 wikitext-2
-        tokens of the bundled model) at half the memory of bf16; the int4 re-rounding
-        (``to_int4``) would halve that again but costs KL 0.21 / 75.6 % top-1.
+        NF4 has no CPU kernel (dequantizing per call is far slower than the packed
+        kernels), so ``engine.fast.pack_linears`` converts NF4 layers for inference. int8
+        (a per-channel grid of 255 levels over NF4's 16) keeps the NF4 model's predictions
+        at half the memory of bf16; the int4 re-rounding (``to_int4``) halves that again at
+        a far larger quality cost. ``bench/nf4.py`` measures both (README, "Quantization").
         """
         w = self.dequantize(torch.float32)
         layer = Int8Linear(self.in_features, self.out_features, bias=False, device="meta")
@@ -223,13 +222,11 @@ class NF4Linear(QuantizedLinear):
     def to_int4(self, group_size: int = INFER_GROUP_SIZE, fit: bool = True) -> QuantizedLinear:
         """An ``Int4Linear`` (groups of ``group_size``, bf16 scales) for inference.
 
-        NF4 has no CPU kernel: dequantizing per call decodes at 2.2 tok/s on the bundled
-        model. Its values are re-rounded onto int4's uniform grid (a least-squares grid per
-        group, ``_fit_int4``). Cost against the NF4 model itself (``bench/nf4.py``, bundled
-        SmolLM2-135M, 2,048 wikitext-2 tokens, float32): mean KL 0.206 nats/token, top-1
-        agreement 75.6 % (min/max grid 0.324 / 69.0 %; int8 would be 0.0028 / 96.7 % at
-        twice the memory). Layers whose width ``group_size`` does not divide stay NF4
-        (returned unchanged).
+        The smaller, lossier alternative to ``to_int8``: NF4's values are re-rounded onto
+        int4's uniform grid (a least-squares grid per group, ``_fit_int4``), which moves the
+        model's predictions far more than int8 does (``bench/nf4.py`` measures KL and top-1
+        agreement against the NF4 model; README, "Quantization"). Layers whose width
+        ``group_size`` does not divide stay NF4 (returned unchanged).
         """
         if self.in_features % group_size:
             return self
