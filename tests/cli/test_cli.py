@@ -63,6 +63,8 @@ def test_run_stop_string_and_seed(tiny_models):
         (["run", "--max-tokens", "-1", "hi"], ["--max-tokens", "-1"]),
         (["run", "   "], ["empty prompt"]),
         (["run", "--top-p", "0", "hi"], ["--top-p"]),
+        (["run", "--presence-penalty", "5", "hi"], ["--presence-penalty", "5"]),
+        (["run", "--temperature", "-1", "hi"], ["--temperature", "-1"]),
         (["run", "--dtype", "int3", "hi"], ["--dtype"]),
         (["chat", "/no/such/model.gguf"], ["/no/such/model.gguf"]),
     ],

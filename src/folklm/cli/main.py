@@ -9,10 +9,14 @@ from __future__ import annotations
 import json
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import click
 
 from folklm.errors import FolkError
+
+if TYPE_CHECKING:  # annotations only: the module itself must not import torch
+    from folklm.ops.sampling import SamplingParams
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -21,58 +25,57 @@ def app() -> None:
     """folklm: run open-weight language models on your own machine."""
 
 
+# The sampling flags of run and chat: (SamplingParams field, flag, short, type, default, help).
+# Ranges are checked in one place, SamplingParams.validate; a bad value is reported under
+# its flag's name.
+SAMPLING_FLAGS: list[tuple[str, str, str | None, type, object, str]] = [
+    ("max_new_tokens", "--max-tokens", "-n", int, None, "Most tokens to generate."),
+    ("temperature", "--temperature", "-t", float, 0.0, "Sampling temperature; 0 = greedy."),
+    ("top_k", "--top-k", None, int, 0, "Keep only the k most likely tokens (0 = off)."),
+    ("top_p", "--top-p", None, float, 1.0, "Nucleus sampling: smallest set with this mass."),
+    ("min_p", "--min-p", None, float, 0.0, "Drop tokens below min-p x the top probability."),
+    ("repetition_penalty", "--repetition-penalty", None, float, 1.0, "Penalise seen tokens."),
+    (
+        "presence_penalty",
+        "--presence-penalty",
+        None,
+        float,
+        0.0,
+        "OpenAI presence penalty on generated tokens (0 = off).",
+    ),
+    (
+        "frequency_penalty",
+        "--frequency-penalty",
+        None,
+        float,
+        0.0,
+        "OpenAI frequency penalty on generated tokens (0 = off).",
+    ),
+    ("seed", "--seed", None, int, None, "Random seed: same seed, same text."),
+]
+
+
 def sampling_options(max_tokens_default: int):
-    """The sampling flags shared by run and chat."""
+    """The sampling flags shared by run and chat (SAMPLING_FLAGS), plus --dtype and
+    --allow-pickle; the command receives the sampling values in ``**sampling``."""
 
     def wrap(f):
-        options = [
-            click.option(
-                "--max-tokens",
-                "-n",
-                type=click.IntRange(min=0),
-                default=max_tokens_default,
-                show_default=True,
-                help="Most tokens to generate.",
-            ),
-            click.option(
-                "--temperature",
-                "-t",
-                type=click.FloatRange(min=0.0),
-                default=0.0,
-                show_default=True,
-                help="Sampling temperature; 0 = greedy.",
-            ),
-            click.option(
-                "--top-k",
-                type=click.IntRange(min=0),
-                default=0,
-                show_default=True,
-                help="Keep only the k most likely tokens (0 = off).",
-            ),
-            click.option(
-                "--top-p",
-                type=click.FloatRange(0.0, 1.0, min_open=True),
-                default=1.0,
-                show_default=True,
-                help="Nucleus sampling: smallest set with this mass.",
-            ),
-            click.option(
-                "--min-p",
-                type=click.FloatRange(0.0, 1.0, max_open=True),
-                default=0.0,
-                show_default=True,
-                help="Drop tokens below min-p x the top probability.",
-            ),
-            click.option(
-                "--repetition-penalty",
-                type=click.FloatRange(min=0.0, min_open=True),
-                default=1.0,
-                show_default=True,
-                help="Penalise seen tokens (1 = off).",
-            ),
-            click.option(
-                "--seed", type=int, default=None, help="Random seed: same seed, same text."
-            ),
+        options = []
+        for field, flag, short, kind, default, text in SAMPLING_FLAGS:
+            names = [flag, short] if short else [flag]
+            if field == "max_new_tokens":
+                default = max_tokens_default
+            options.append(
+                click.option(
+                    *names,
+                    field,
+                    type=kind,
+                    default=default,
+                    show_default=default is not None,
+                    help=text,
+                )
+            )
+        options += [
             click.option(
                 "--dtype",
                 type=click.Choice(["float32", "bfloat16"]),
@@ -93,20 +96,20 @@ def sampling_options(max_tokens_default: int):
     return wrap
 
 
-def _params(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop):
+def _params(sampling: dict, stop) -> SamplingParams:
+    """``SamplingParams`` from the flags, validated; errors name the flag, not the field."""
     # lazy: imports torch; `folk --help` and the hub commands start without it
     from folklm.ops.sampling import SamplingParams
 
-    return SamplingParams(
-        max_new_tokens=max_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
-        stop=list(stop or []),
-    ).validate()
+    try:
+        return SamplingParams(**sampling, stop=list(stop or [])).validate()
+    except FolkError as e:
+        message = str(e)
+        for field, flag, *_ in SAMPLING_FLAGS:
+            if message.startswith(f"{field}="):
+                message = f"{flag} {message.removeprefix(field + '=')}"
+                break
+        raise FolkError(message) from None
 
 
 @app.command(context_settings={"ignore_unknown_options": False})
@@ -128,15 +131,9 @@ def run(
     system,
     stop,
     as_json,
-    max_tokens,
-    temperature,
-    top_k,
-    top_p,
-    min_p,
-    repetition_penalty,
-    seed,
     dtype,
     allow_pickle,
+    **sampling,
 ) -> None:
     """Answer PROMPT with a model, streaming the text as it is generated.
 
@@ -152,7 +149,7 @@ def run(
         raise FolkError(f"expected [MODEL] PROMPT, got {len(args)} arguments")
     if not prompt.strip():
         raise FolkError('empty prompt: give some text, e.g. folk run "What is 2+2?"')
-    params = _params(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop)
+    params = _params(sampling, stop)
 
     # lazy: imports torch; `folk --help` and the hub commands start without it
     import folklm
@@ -224,21 +221,15 @@ def _since_process_start(ttft: float | None, t_start: float) -> float | None:
 def chat(
     model,
     system,
-    max_tokens,
-    temperature,
-    top_k,
-    top_p,
-    min_p,
-    repetition_penalty,
-    seed,
     dtype,
     allow_pickle,
+    **sampling,
 ) -> None:
     """Chat with MODEL in the terminal (default: the bundled model).
 
     The conversation is kept between turns. Type /reset to start over, /exit to quit.
     """
-    params = _params(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, [])
+    params = _params(sampling, [])
     # lazy: imports torch; `folk --help` and the hub commands start without it
     import folklm
 
