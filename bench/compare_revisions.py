@@ -123,10 +123,14 @@ def git(*args: str) -> str:
 
 
 def default_base() -> str:
+    """The merge base with main on a branch; on main itself (where that is HEAD) the tree
+    before the issue-12 redesign, abf5e2f. Pass --base to compare against anything else."""
+    head = git("rev-parse", "HEAD")
     try:
-        return git("merge-base", "HEAD", "main")
+        base = git("merge-base", "HEAD", "main")
     except subprocess.CalledProcessError:
-        return "abf5e2f"
+        base = head
+    return "abf5e2f" if base == head else base
 
 
 def run_side(tree: Path, args: argparse.Namespace, dtypes: list[str]) -> dict:
