@@ -203,7 +203,7 @@ def main() -> None:
     ap.add_argument(
         "--llama-bench",
         default=os.environ.get("LLAMA_BENCH"),
-        help="path of llama.cpp's llama-bench (../shared/tools/llama-cpp.sh builds it)",
+        help="path of llama.cpp's llama-bench (built from the llama-cpp-python sdist)",
     )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

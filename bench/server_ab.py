@@ -3,9 +3,9 @@
 Run it with each tree's ``src`` on PYTHONPATH, alternating the trees, to compare two
 revisions of ``engine.scheduler.Engine`` without anything else in the process::
 
-    git worktree add /tmp/old abf5e2f
+    git worktree add ../folklm-old abf5e2f
     for i in 1 2; do
-      (cd /tmp/old && PYTHONPATH=src python $PWD/bench/server_ab.py old)
+      (cd ../folklm-old && PYTHONPATH=src python "$OLDPWD/bench/server_ab.py" old)
       PYTHONPATH=src python bench/server_ab.py new
     done
 

@@ -35,7 +35,7 @@ def test_validate_refuses_each_bad_setting(change, words):
 
 def test_defaults_are_valid_and_adapters_parse():
     assert ServeConfig().validate().max_batch == 16
-    assert parse_adapter("fr=base:/tmp/fr") == ("fr", ("base", "/tmp/fr"))
+    assert parse_adapter("fr=base:adapters/fr") == ("fr", ("base", "adapters/fr"))
     with pytest.raises(FolkError, match="NAME=BASE:FOLDER"):
         parse_adapter("fr=base")
 
