@@ -46,7 +46,10 @@ def test_load_uses_the_default_dtype(tiny_models):
     assert folklm.load(folder, dtype="float32").dtype == torch.float32  # --dtype overrides
 
 
-def test_bf16_without_packing_support_runs_unpacked_with_a_notice(masked, tiny_models, capsys):
+def test_bf16_without_packing_support_runs_unpacked_with_a_notice(
+    masked, tiny_models, capsys, monkeypatch
+):
+    monkeypatch.setenv("FOLK_NATIVE_STEP", "0")  # the PyTorch decode path (engine.fast)
     _, folder = tiny_models("mistral")
     device._said.clear()
     capsys.readouterr()

@@ -1,4 +1,8 @@
-"""Packed and fused linears: same numbers, same state dict, less memory than a copy."""
+"""Packed and fused linears: same numbers, same state dict, less memory than a copy.
+
+Llama-family models decode through the native step (``engine.native_step``) and keep plain
+linears; these tests switch it off to check the packed path that every other model takes.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,11 @@ import folklm
 from folklm.engine.fast import PackedLinear
 
 FAMILIES = ["llama", "llama_tied", "mistral", "mixtral", "qwen2"]
+
+
+@pytest.fixture(autouse=True)
+def _packed_path(monkeypatch):
+    monkeypatch.setenv("FOLK_NATIVE_STEP", "0")
 
 
 @pytest.mark.parametrize("family", FAMILIES)

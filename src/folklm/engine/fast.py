@@ -98,14 +98,21 @@ def _fusable(module: nn.Module, names: tuple[str, ...]) -> bool:
     return all(type(getattr(module, n, None)) is nn.Linear for n in names)
 
 
-def pack_linears(model: nn.Module, fuse: bool = True) -> nn.Module:
-    """Fuse q/k/v and gate/up where the model offers a slot, and pack every linear; NF4
-    layers become int8 ones (no NF4 kernel)."""
+def nf4_to_int8(model: nn.Module) -> nn.Module:
+    """NF4 layers become int8 ones for inference (no NF4 kernel; the cost is stated in
+    ``NF4Linear.to_int8``)."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             to_int8 = getattr(child, "to_int8", None)
             if getattr(child, "scheme", "") == "nf4" and to_int8 is not None:
                 setattr(module, name, to_int8())
+    return model
+
+
+def pack_linears(model: nn.Module, fuse: bool = True) -> nn.Module:
+    """Fuse q/k/v and gate/up where the model offers a slot, and pack every linear; NF4
+    layers become int8 ones (no NF4 kernel)."""
+    nf4_to_int8(model)
     if not packing_available():
         return model
     # Weights that other modules still use (a tied embedding): their pages must stay.

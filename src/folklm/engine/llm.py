@@ -24,8 +24,9 @@ from folklm.checkpoint.hf import (
 )
 from folklm.checkpoint.peft import fused_weight, is_adapter_dir, load_adapter
 from folklm.config import ModelConfig
+from folklm.engine import native_step
 from folklm.engine.device import default_dtype
-from folklm.engine.fast import pack_linears
+from folklm.engine.fast import nf4_to_int8, pack_linears
 from folklm.engine.generate import Completion, Timings, generate, generate_stream
 from folklm.errors import CheckpointError, FolkError
 from folklm.kernels.gguf_linear import install_gguf_modules
@@ -259,8 +260,16 @@ def load(
     else:
         raise CheckpointError(f"{path}: no such file or folder")
     if fast:
-        pack_linears(model)
+        _speed_up(model)
     return LLM(model, tokenizer, gen_config, str(path), time.perf_counter() - t0)
+
+
+def _speed_up(model: CausalLM) -> None:
+    """The native decode step where the model can take it (its linears stay plain, so the
+    step reads them in place), else oneDNN-packed linears (``engine.fast``)."""
+    nf4_to_int8(model)
+    if native_step.enable(model) is None:
+        pack_linears(model)
 
 
 def _load_with_adapter(
@@ -289,6 +298,6 @@ def _load_with_adapter(
         with torch.no_grad():
             weight.copy_(fused_weight(weight, w, adapter.config.scaling))
     if fast:
-        pack_linears(llm.model)
+        _speed_up(llm.model)
     llm.source, llm.load_seconds = str(path), time.perf_counter() - t0
     return llm

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from folklm.cache import Cache, KVCache
+from folklm.engine import native_step
 from folklm.engine.multilora import MultiLoRA
 from folklm.models.llama import CausalLM
 
@@ -34,6 +35,7 @@ class ModelRunner:
         self.lora = lora
         self.config = model.config
         self.dtype = next(model.parameters()).dtype
+        self.native = native_step.for_model(model)  # the compiled decode step, if any
 
     def static_cache(
         self, prompts: list[list[int]], max_len: int, pad_id: int
@@ -53,6 +55,16 @@ class ModelRunner:
 
         ``adapters``: the ``MultiLoRA`` index of each row (0 = the base model).
         """
+        step = self.native
+        if (
+            step is not None
+            and not all_logits
+            and ids.shape[1] == 1
+            and (self.lora is None or not any(adapters or ()))
+            and step.accepts(cache)
+            and not step.hooked()
+        ):
+            return step.decode(ids[:, 0], cache)  # type: ignore[arg-type]  # accepts() checked
         if self.lora is not None and adapters is not None:
             self.lora.set_rows(adapters)
         try:

@@ -28,7 +28,8 @@ from pathlib import Path
 
 from folklm.kernels.cpu import cpu_info
 
-SOURCES = ("gguf_kernels.c",)
+SOURCES = ("gguf_kernels.c", "decode_step.c")
+HEADERS = ("folk_kernels.h",)
 _CSRC = Path(__file__).with_name("csrc")
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
@@ -89,7 +90,7 @@ def build(march: str | None = None) -> Path:
         raise RuntimeError("no C compiler found (tried $CC, cc, gcc, clang)")
     flags = _flags(march)
     key = hashlib.sha256()
-    for name in SOURCES:
+    for name in (*SOURCES, *HEADERS):
         key.update((_CSRC / name).read_bytes())
     key.update("|".join([_version(cc), *flags, cpu_info().fingerprint]).encode())
     folder = folk_home() / "kernels" / key.hexdigest()[:16]

@@ -43,6 +43,8 @@
 #endif
 #endif
 
+#include "folk_kernels.h"
+
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
@@ -56,6 +58,8 @@ enum {
     T_Q4_K = 12,
     T_Q5_K = 13,
     T_Q6_K = 14,
+    T_I8R = 256, /* not GGML: folklm's int8 rows (k signed codes; the row scale is applied by
+                    the caller) */
 };
 
 /* ---- float16 ------------------------------------------------------------------------ */
@@ -201,6 +205,14 @@ static float dot_scalar(int type, const uint8_t *w, int64_t k, xrow x) {
     float acc = 0.0f;
     uint8_t q[32];
     int32_t h0, h1;
+    if (type == T_I8R) {
+        for (int64_t b = 0; b < k / 32; b++, w += 32) {
+            int32_t sum = 0;
+            for (int j = 0; j < 32; j++) sum += ((const int8_t *)w)[j] * x.q[32 * b + j];
+            acc += x.d[b] * (float)sum;
+        }
+        return acc;
+    }
     if (type == T_Q8_0) {
         for (int64_t b = 0; b < k / 32; b++, w += 34) {
             const int8_t *qs = (const int8_t *)(w + 2);
@@ -340,6 +352,17 @@ INL void blk_q8_0(const uint8_t *w, xrow x, int64_t b, __m256 *acc, __m256 *accm
     }
 }
 
+INL void blk_i8r(const uint8_t *w, xrow x, int64_t b, __m256 *acc, __m256 *accm, int L) {
+    (void)accm;
+    __m256i q = LOAD256(w), u = _mm256_sign_epi8(q, q);
+    for (int l = 0; l < L; l++) {
+        const int8_t *xq = l ? x.q2 : x.q;
+        const float *d = l ? x.d2 : x.d;
+        __m256i dot = udot(u, _mm256_sign_epi8(LOAD256(xq + 32 * b), q));
+        *acc = _mm256_fmadd_ps(_mm256_set1_ps(d[b]), _mm256_cvtepi32_ps(dot), *acc);
+    }
+}
+
 INL void blk_q4_0(const uint8_t *w, xrow x, int64_t b, __m256 *acc, __m256 *accm, int L) {
     (void)accm;
     *acc = levels_dot(*acc, _mm256_set1_ps(f16_at(w)), nibbles16(w + 2), x, b, 3, L);
@@ -381,6 +404,9 @@ INL float dot_avx2_impl(int type, const uint8_t *w, int64_t k, xrow x, const int
     switch (type) {
     case T_Q8_0:
         BLOCKS2(blk_q8_0, 34);
+        break;
+    case T_I8R:
+        BLOCKS2(blk_i8r, 32);
         break;
     case T_Q4_0:
         BLOCKS2(blk_q4_0, 18);
@@ -470,7 +496,7 @@ static float dot_avx2_two(int type, const uint8_t *w, int64_t k, xrow x) {
 #endif
 
 static int known_type(int t) {
-    return t == T_Q4_0 || t == T_Q4_1 || t == T_Q5_0 || t == T_Q5_1 || t == T_Q8_0 ||
+    return t == T_I8R || t == T_Q4_0 || t == T_Q4_1 || t == T_Q5_0 || t == T_Q5_1 || t == T_Q8_0 ||
            t == T_Q4_K || t == T_Q5_K || t == T_Q6_K;
 }
 
@@ -533,8 +559,8 @@ static void *helper(void *arg) {
     return NULL;
 }
 
-static void parallel_for(void (*fn)(void *, int64_t, int64_t), void *ctx, int64_t n,
-                         int64_t chunk, int nthreads) {
+void folk_parallel_for(void (*fn)(void *, int64_t, int64_t), void *ctx, int64_t n, int64_t chunk,
+                       int nthreads) {
     if (nthreads <= 1 || n <= chunk) {
         fn(ctx, 0, n);
         return;
@@ -577,12 +603,9 @@ int folk_isa(void) {
 }
 
 typedef struct {
-    int type;
-    const uint8_t *w;
-    int64_t row_bytes, k, m, levels;
-    float *y;
-    int64_t ldy;
-    const int64_t *out_index;
+    const folk_part *parts;
+    int nparts;
+    int64_t k, m, levels;
     const int8_t *xq;
     const float *xd;
     const int32_t *xs, *xs4;
@@ -594,9 +617,14 @@ typedef struct {
 static void matmul_rows(void *ctx, int64_t lo, int64_t hi) {
     const matmul_ctx *c = ctx;
     const int64_t k = c->k;
-    for (int64_t r = lo; r < hi; r++) {
-        const uint8_t *wr = c->w + r * c->row_bytes;
-        int64_t col = c->out_index ? c->out_index[r] : r;
+    int p = 0;
+    int64_t base = 0; /* first global row of part p */
+    for (int64_t g = lo; g < hi; g++) {
+        while (g - base >= c->parts[p].n) base += c->parts[p++].n;
+        const folk_part *P = &c->parts[p];
+        int64_t r = g - base;
+        const uint8_t *wr = P->w + r * P->row_bytes;
+        int64_t col = P->out_index ? P->out_index[r] : r;
         for (int64_t i = 0; i < c->m; i++) {
             float v = 0.0f;
             int64_t j0 = i * c->levels;
@@ -606,29 +634,35 @@ static void matmul_rows(void *ctx, int64_t lo, int64_t hi) {
                            c->xs4 + j0 * (k / 4), c->xf4 + j0 * (k / 4),
                            c->xq + j * k, c->xd + j * (k / 32), c->xs4 + j * (k / 4),
                            c->xf4 + j * (k / 4)};
-                v = c->dot2(c->type, wr, k, xr);
+                v = c->dot2(P->type, wr, k, xr);
             } else {
                 for (int64_t j = j0; j < j0 + c->levels; j++) {
                     xrow xr = {c->xq + j * k, c->xd + j * (k / 32), c->xs + j * (k / 16),
                                c->xs4 + j * (k / 4), c->xf4 + j * (k / 4), NULL, NULL, NULL,
                                NULL};
-                    v += c->dot(c->type, wr, k, xr);
+                    v += c->dot(P->type, wr, k, xr);
                 }
             }
-            c->y[i * c->ldy + col] = v;
+            P->y[i * P->ldy + col] = v;
         }
     }
 }
 
-/* y[i * ldy + col(r)] = dot(W row r, x row i) for r < n, i < m; col(r) = out_index ? out_index[r]
- * : r. levels 1: x is rounded to int8 per block of 32 (relative error up to 1/254 of the
- * block's largest value); levels 2: the rounding residual is quantized again and added
- * (error up to 1/64516), at about twice the integer work. path 0: the best this build has;
- * 1: scalar. Returns 0, or -1 for an unknown type, bad arguments or a failed allocation. */
-int folk_matmul(int type, const uint8_t *w, int64_t row_bytes, int64_t n, int64_t k,
-                const float *x, int64_t m, float *y, int64_t ldy, const int64_t *out_index,
-                int levels, int nthreads, int path) {
-    if (k % 32 || !known_type(type) || levels < 1 || levels > 2) return -1;
+/* Several weights applied to the same activations x (m, k) in one parallel job (q/k/v, or
+ * gate/up): the activations are quantized once, and the threads meet once.
+ * parts[p].y[i * ldy + col(r)] = dot(W_p row r, x row i); col(r) = out_index ? out_index[r] : r.
+ * levels 1: x is rounded to int8 per block of 32 (relative error up to 1/254 of the block's
+ * largest value); levels 2: the rounding residual is quantized again and added (error up to
+ * 1/64516), at about twice the integer work. path 0: the best this build has; 1: scalar.
+ * Returns 0, or -1 for an unknown type, bad arguments or a failed allocation. */
+int folk_matmul_parts(const folk_part *parts, int nparts, int64_t k, const float *x, int64_t m,
+                      int levels, int nthreads, int path) {
+    int64_t n = 0;
+    for (int p = 0; p < nparts; p++) {
+        if (!known_type(parts[p].type)) return -1;
+        n += parts[p].n;
+    }
+    if (k % 32 || nparts < 1 || levels < 1 || levels > 2) return -1;
     int64_t rows = m * levels; /* activation rows: level l of row i is row i * levels + l */
     int8_t *xq = malloc((size_t)(rows * k));
     float *xd = malloc(sizeof(float) * (size_t)(rows * k / 32));
@@ -651,8 +685,7 @@ int folk_matmul(int type, const uint8_t *w, int64_t row_bytes, int64_t n, int64_
         quantize_row(src, k, xq + j * k, xd + j * (k / 32), xs + j * (k / 16), xs4 + j * (k / 4),
                      xf4 + j * (k / 4));
     }
-    matmul_ctx c = {type, w, row_bytes, k, m, levels, y, ldy, out_index, xq, xd, xs, xs4, xf4,
-                    dot_scalar, NULL};
+    matmul_ctx c = {parts, nparts, k, m, levels, xq, xd, xs, xs4, xf4, dot_scalar, NULL};
 #ifdef FOLK_AVX2
     if (path == 0) c.dot = dot_avx2;
     if (path == 0 && levels == 2) c.dot2 = dot_avx2_two;
@@ -660,9 +693,18 @@ int folk_matmul(int type, const uint8_t *w, int64_t row_bytes, int64_t n, int64_
     (void)path;
     /* chunks of rows small enough to balance when a core is busy with another process */
     int64_t chunk = n / (8 * (int64_t)(nthreads > 0 ? nthreads : 1));
-    parallel_for(matmul_rows, &c, n, chunk < 8 ? 8 : chunk, nthreads);
+    folk_parallel_for(matmul_rows, &c, n, chunk < 8 ? 8 : chunk, nthreads);
     free(xq), free(xd), free(xs), free(xs4), free(xf4), free(res);
     return 0;
+}
+
+/* y[i * ldy + col(r)] = dot(W row r, x row i) for r < n, i < m (folk_matmul_parts with one
+ * part). */
+int folk_matmul(int type, const uint8_t *w, int64_t row_bytes, int64_t n, int64_t k,
+                const float *x, int64_t m, float *y, int64_t ldy, const int64_t *out_index,
+                int levels, int nthreads, int path) {
+    folk_part part = {type, w, row_bytes, n, out_index, y, ldy};
+    return folk_matmul_parts(&part, 1, k, x, m, levels, nthreads, path);
 }
 
 /* One weight row to float32 with ggml's own arithmetic (so results are bit-identical). */
@@ -763,6 +805,6 @@ int folk_dequant_rows(int type, const uint8_t *w, int64_t row_bytes, int64_t k,
     dequant_ctx c = {.type = type, .w = w, .row_bytes = row_bytes, .k = k, .first = first,
                      .rows = rows, .out = out};
     atomic_init(&c.bad, 0);
-    parallel_for(dequant_some, &c, count, 16, nthreads);
+    folk_parallel_for(dequant_some, &c, count, 16, nthreads);
     return atomic_load(&c.bad) ? -1 : 0;
 }

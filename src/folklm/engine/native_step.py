@@ -1,0 +1,358 @@
+"""The whole decode step of a Llama-family model in one native call.
+
+On a CPU, a PyTorch decode step of a small model is dominated by dispatch: each of a few
+hundred operations per token costs microseconds before any arithmetic. ``NativeStep`` hands
+the step -- embedding, every layer, final norm, LM head -- to ``folk_decode_step`` in
+``kernels/csrc/decode_step.c``, compiled for this CPU at first use and cached like the
+other kernels (:mod:`folklm.kernels.native`): the persisted artefact is keyed by the C
+sources, the compiler, its flags and the CPU, so later runs load it in milliseconds.
+
+The step reads the model's own weights in place (GGML blocks of a GGUF file through the
+integer kernels, dense float32/bfloat16/float16 rows through float dot products) and the
+caller's KV cache (``cache.KVCache`` or the server's ``engine.slots.SlotDecode``), so
+prefill stays with PyTorch's GEMMs and decode continues in the same buffers.
+
+It applies only where it computes exactly what the PyTorch model would:
+
+- the model is built from the plain Llama blocks (``models.llama``: ``Attention``, ``MLP``,
+  ``RMSNorm``, ``RotaryEmbedding``); Llama, Mistral and Qwen2 are, other families are not;
+- every projection is an ``nn.Linear`` with contiguous float weights, a ``GGUFLinear`` or
+  an ``Int8Linear`` (``folk quantize --scheme int8``: int8 rows times a scale per row);
+- no forward hook or pre-hook is set on any of its modules (interpretability tools, GPTQ);
+- one token per row, no per-row LoRA adapters, a float32 or bfloat16 cache.
+
+Anything else takes the PyTorch path. ``FOLK_NATIVE_STEP=0`` turns the native step off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import weakref
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from folklm.cache import Cache, KVCache
+from folklm.engine.slots import SlotDecode
+from folklm.errors import FolkError
+from folklm.kernels import native
+from folklm.kernels.gguf_linear import ACTIVATION_LEVELS, GGUFEmbedding, GGUFLinear
+from folklm.kernels.int8 import Int8Linear
+from folklm.models.llama import MLP, Attention, CausalLM, DecoderLayer, RMSNorm
+from folklm.ops.rope import RotaryEmbedding
+
+_PTR, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+_DENSE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 30}
+_FAMILIES = ("llama", "mistral", "qwen2")
+
+
+class _Lin(ctypes.Structure):
+    _fields_ = [
+        ("type", _I32),
+        ("unused", _I32),
+        ("w", _PTR),
+        ("row_bytes", _I64),
+        ("n", _I64),
+        ("k", _I64),
+        ("out_index", _PTR),
+        ("bias", _PTR),
+        ("scale", _PTR),
+    ]
+
+
+_I8_ROWS = 256  # decode_step.c's type of folklm's int8 rows (kernels.int8)
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [
+        *((name, _Lin) for name in ("q", "k", "v", "o", "gate", "up", "down")),
+        ("attn_norm", _PTR),
+        ("ffn_norm", _PTR),
+        ("window", _I64),
+    ]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [
+        *((name, _I64) for name in ("n_layers", "hidden", "n_heads", "n_kv", "head_dim", "ffn")),
+        ("vocab", _I64),
+        ("eps", ctypes.c_float),
+        ("rope_mult", ctypes.c_float),
+        ("inv_freq", _PTR),
+        ("embed", _Lin),
+        ("head", _Lin),
+        ("final_norm", _PTR),
+        ("layers", _PTR),
+    ]
+
+
+class _KV(ctypes.Structure):
+    _fields_ = [
+        ("rows", _I64),
+        ("cap", _I64),
+        ("bf16", _I32),
+        ("unused", _I32),
+        ("k", _PTR),
+        ("v", _PTR),
+    ]
+
+
+class Unsupported(Exception):
+    """The model cannot take the native step (the message says why)."""
+
+
+def _bind(lib: ctypes.CDLL) -> None:
+    fn = lib.folk_decode_step
+    if fn.argtypes is None:
+        fn.argtypes = [_PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, ctypes.c_int, ctypes.c_int]
+        fn.restype = ctypes.c_int
+
+
+class NativeStep:
+    """The native decode step of one model (build it with :func:`native_step`)."""
+
+    def __init__(self, model: CausalLM, lib: native.NativeKernels):
+        self.lib = lib.lib
+        _bind(self.lib)
+        self._keep: list[object] = []  # every tensor and struct the C side points into
+        c = model.config
+        layers = list(model.model.layers)
+        self.config = c
+        self.dtypes: set[torch.dtype] = set()
+        structs = (_Layer * len(layers))()
+        for i, layer in enumerate(layers):
+            if type(layer) is not DecoderLayer:
+                raise Unsupported(f"layer {i} is a {type(layer).__name__}")
+            attn, mlp = layer.self_attn, getattr(layer, layer.mlp_name)
+            if type(attn) is not Attention or attn.qkv_proj is not None:
+                raise Unsupported(f"layer {i}'s attention is not the plain Llama attention")
+            if type(mlp) is not MLP or mlp.gate_up_proj is not None:
+                raise Unsupported(f"layer {i}'s MLP is not a plain SwiGLU MLP")
+            s = structs[i]
+            for slot, module in (
+                ("q", attn.q_proj),
+                ("k", attn.k_proj),
+                ("v", attn.v_proj),
+                ("o", attn.o_proj),
+                ("gate", mlp.gate_proj),
+                ("up", mlp.up_proj),
+                ("down", mlp.down_proj),
+            ):
+                setattr(s, slot, self._linear(module, f"layer {i} {slot}"))
+            s.attn_norm = self._norm(layer.input_layernorm)
+            s.ffn_norm = self._norm(layer.post_attention_layernorm)
+            s.window = layer.sliding_window or 0
+        self._keep.append(structs)
+        rotary = model.model.rotary_emb
+        if type(rotary) is not RotaryEmbedding:
+            raise Unsupported(f"rotary embedding {type(rotary).__name__}")
+        inv_freq = self._floats(rotary.inv_freq)
+        m = _Model(
+            n_layers=len(layers),
+            hidden=c.hidden_size,
+            n_heads=c.num_attention_heads,
+            n_kv=c.kv_heads,
+            head_dim=c.head_size,
+            ffn=c.intermediate_size,
+            vocab=c.vocab_size,
+            eps=c.rms_norm_eps,
+            rope_mult=float(getattr(rotary, "attention_scaling", 1.0)),
+            inv_freq=inv_freq,
+            embed=self._embedding(model.model.embed_tokens),
+            head=self._linear(model.lm_head, "lm_head"),
+            final_norm=self._norm(model.model.norm),
+            layers=ctypes.addressof(structs),
+        )
+        if rotary.inv_freq.numel() * 2 != c.head_size:
+            raise Unsupported("partial rotary embeddings")
+        self._model = m
+        # modules whose hooks would be bypassed
+        self._watched: list[nn.Module] = [model, model.model, *model.modules()]
+        self.levels = ACTIVATION_LEVELS
+        self.calls = 0  # decode steps run (tests and benchmarks read it)
+
+    # -- building ----------------------------------------------------------------------------
+    def _floats(self, t: torch.Tensor) -> int:
+        t = t.detach().to(torch.float32).contiguous()
+        self._keep.append(t)
+        return t.data_ptr()
+
+    def _norm(self, norm: nn.Module) -> int:
+        if type(norm) is not RMSNorm:
+            raise Unsupported(f"norm {type(norm).__name__}")
+        return self._floats(norm.weight)
+
+    def _linear(self, module: nn.Module, where: str) -> _Lin:
+        if isinstance(module, GGUFLinear):
+            t = module.qweight
+            out_index = t.out_index
+            if out_index is not None:
+                out_index = out_index.contiguous()
+                self._keep.append(out_index)
+            bias = None if module.bias is None else self._floats(module.bias)
+            self._keep.append(t.blocks)
+            return _Lin(
+                type=int(t.qtype),
+                w=t.blocks.data_ptr(),
+                row_bytes=t.blocks.stride(0),
+                n=t.shape[0],
+                k=t.shape[1],
+                out_index=None if out_index is None else out_index.data_ptr(),
+                bias=bias,
+            )
+        if isinstance(module, Int8Linear):
+            q = module.qweight
+            if q.shape[1] % 32 or not q.is_contiguous():
+                raise Unsupported(f"{where}: int8 rows of {q.shape[1]} weights")
+            self._keep.append(q)
+            bias = None if module.bias is None else self._floats(module.bias)
+            return _Lin(
+                type=_I8_ROWS,
+                w=q.data_ptr(),
+                row_bytes=q.stride(0),
+                n=q.shape[0],
+                k=q.shape[1],
+                bias=bias,
+                scale=self._floats(module.scales),
+            )
+        if type(module) is not nn.Linear:
+            raise Unsupported(f"{where} is a {type(module).__name__}")
+        w = module.weight
+        if w.dtype not in _DENSE or not w.is_contiguous() or w.device.type != "cpu":
+            raise Unsupported(f"{where}: {w.dtype} weight on {w.device}")
+        self.dtypes.add(w.dtype)
+        self._keep.append(w)  # a replaced parameter must not leave a dangling pointer
+        bias = None if module.bias is None else self._floats(module.bias)
+        return _Lin(
+            type=_DENSE[w.dtype],
+            w=w.data_ptr(),
+            row_bytes=w.stride(0) * w.element_size(),
+            n=w.shape[0],
+            k=w.shape[1],
+            out_index=None,
+            bias=bias,
+        )
+
+    def _embedding(self, module: nn.Module) -> _Lin:
+        if isinstance(module, GGUFEmbedding):
+            t = module.qweight
+            if t.order is not None:
+                raise Unsupported("row-permuted embedding")
+            self._keep.append(t.blocks)
+            return _Lin(
+                type=int(t.qtype),
+                w=t.blocks.data_ptr(),
+                row_bytes=t.blocks.stride(0),
+                n=t.shape[0],
+                k=t.shape[1],
+            )
+        if type(module) is not nn.Embedding:
+            raise Unsupported(f"embedding {type(module).__name__}")
+        w = module.weight
+        if w.dtype not in _DENSE or not w.is_contiguous():
+            raise Unsupported(f"embedding of {w.dtype}")
+        return _Lin(
+            type=_DENSE[w.dtype],
+            w=w.data_ptr(),
+            row_bytes=w.stride(0) * w.element_size(),
+            n=w.shape[0],
+            k=w.shape[1],
+        )
+
+    # -- running -----------------------------------------------------------------------------
+    def hooked(self) -> bool:
+        """Whether a forward hook is set anywhere the native step would skip."""
+        if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+            return True
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self._watched)
+
+    def accepts(self, cache: Cache) -> bool:
+        return isinstance(cache, KVCache | SlotDecode) and cache.k[0].dtype in (
+            torch.float32,
+            torch.bfloat16,
+        )
+
+    def decode(self, tokens: torch.Tensor, cache: KVCache | SlotDecode) -> torch.Tensor:
+        """Logits (B, vocab) float32 for one token per row (``tokens`` (B,)); the cache
+        holds their keys/values and has advanced by one afterwards."""
+        B = tokens.shape[0]
+        if isinstance(cache, KVCache):
+            slot = torch.full((B,), cache.length, dtype=torch.int64)
+            if cache.pad is None:
+                first = torch.zeros(B, dtype=torch.int64)
+            else:
+                first = cache.pad.to(torch.int64).contiguous()
+            pos = (slot - first).clamp(min=0)
+            ks, vs = cache.k, cache.v
+            if cache.length >= cache.max_len:
+                raise FolkError(
+                    f"KV cache full: {cache.length + 1} tokens > capacity {cache.max_len}"
+                )
+        else:
+            slot = cache.positions.to(torch.int64).contiguous()
+            pos = slot
+            first = torch.zeros(B, dtype=torch.int64)
+            ks, vs = cache.k, cache.v
+        kv = _KV(
+            rows=ks[0].shape[0],
+            cap=ks[0].shape[2],
+            bf16=int(ks[0].dtype == torch.bfloat16),
+            k=ctypes.cast((_PTR * len(ks))(*[_ptr(t) for t in ks]), _PTR),
+            v=ctypes.cast((_PTR * len(vs))(*[_ptr(t) for t in vs]), _PTR),
+        )
+        ids = tokens.to(torch.int64).contiguous()
+        logits = torch.empty(B, self.config.vocab_size, dtype=torch.float32)
+        rc = self.lib.folk_decode_step(
+            ctypes.addressof(self._model),
+            ctypes.addressof(kv),
+            B,
+            ids.data_ptr(),
+            pos.data_ptr(),
+            slot.data_ptr(),
+            first.data_ptr(),
+            logits.data_ptr(),
+            self.levels,
+            torch.get_num_threads(),
+        )
+        if rc:
+            raise RuntimeError(f"folk_decode_step failed ({rc})")
+        cache.advance(1)
+        self.calls += 1
+        return logits
+
+
+def _ptr(t: torch.Tensor) -> int:
+    if not t.is_contiguous():
+        raise Unsupported("a non-contiguous cache buffer")
+    return t.data_ptr()
+
+
+_STEPS: weakref.WeakKeyDictionary[nn.Module, NativeStep | None] = weakref.WeakKeyDictionary()
+
+
+def enable(model: nn.Module) -> NativeStep | None:
+    """Build the native step of ``model`` (once) and remember it; None when it cannot take
+    one (not a plain Llama-family model, no C compiler, ``FOLK_NATIVE_STEP=0``)."""
+    if os.environ.get("FOLK_NATIVE_STEP", "1") == "0":
+        return None
+    step = None
+    if isinstance(model, CausalLM) and model.config.model_type in _FAMILIES:
+        lib = native.kernels()
+        if lib is not None:
+            try:
+                step = NativeStep(model, lib)
+            except Unsupported:
+                step = None
+    _STEPS[model] = step
+    return step
+
+
+def for_model(model: nn.Module) -> NativeStep | None:
+    """The step :func:`enable` built for ``model`` (None if it was never enabled)."""
+    return _STEPS.get(model)
+
+
+def supported_families() -> Sequence[str]:
+    return _FAMILIES
