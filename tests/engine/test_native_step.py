@@ -187,14 +187,17 @@ def test_full_cache_is_a_clear_error(tiny_models) -> None:
             runner.run(token[:, None], cache)
 
 
-@pytest.mark.parametrize("keep_head", [True, False])
-def test_folk_int8_entries(tiny_models, tmp_path, keep_head: bool) -> None:
+@pytest.mark.parametrize(
+    "scheme,keep_head",
+    [("int8", True), ("int8", False), ("int4-g32", True), ("int4-g32", False), ("nf4", True)],
+)
+def test_folk_quantized_entries(tiny_models, tmp_path, scheme: str, keep_head: bool) -> None:
     from folklm.checkpoint.hf import save_folder
-    from folklm.quant import Int8Linear, quantize, quantized_state_dict
+    from folklm.quant import Int4Linear, Int8Linear, quantize, quantized_state_dict
 
     _, folder = tiny_models("qwen2")
     llm = folklm.load(folder, fast=False, dtype="float32")
-    quantize(llm, "int8", keep_embeddings_and_head=keep_head, progress=False)
+    quantize(llm, scheme, keep_embeddings_and_head=keep_head, progress=False)
     out = save_folder(
         tmp_path / "q",
         llm.config,
@@ -204,9 +207,15 @@ def test_folk_int8_entries(tiny_models, tmp_path, keep_head: bool) -> None:
     )
     fast = folklm.load(out, dtype="float32")
     runner, step = _runner(fast)
-    assert isinstance(fast.model.model.layers[0].mlp.down_proj, Int8Linear)
-    # the reference: the same int8 grid, multiplied out in float64 by the PyTorch model
-    ref = folklm.load(out, dtype="float32", fast=False).model.double()
+    kind = Int4Linear if scheme.startswith("int4") else Int8Linear  # nf4 runs as int8
+    assert isinstance(fast.model.model.layers[0].mlp.down_proj, kind)
+    # the reference: the same grid, multiplied out in float64 by the PyTorch model
+    ref_llm = folklm.load(out, dtype="float32", fast=False)
+    if scheme == "nf4":
+        from folklm.engine.fast import nf4_to_int8
+
+        nf4_to_int8(ref_llm.model)  # what inference runs (its cost: NF4Linear.to_int8)
+    ref = ref_llm.model.double()
     # every token goes through the native step, the prompt's too: PyTorch's int8 kernels
     # round the activations to bfloat16 (kernels.choice), which would dominate the error
     seq = [5, 17, 3, 99, 42, 7, 8, 9, 10, 11]
@@ -217,3 +226,32 @@ def test_folk_int8_entries(tiny_models, tmp_path, keep_head: bool) -> None:
             logits = runner.run(torch.tensor([[t]]), cache)
             _close(logits[0].double(), ref(torch.tensor([seq[: i + 1]]))[0, -1], 1e-3)
     assert step.calls - before == len(seq)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_relayout_is_exact(group: int) -> None:
+    """The Q4_1-like blocks decode to the Int4Linear's own weights (float32 rounding of
+    d * q + m against s * (q - 8) + z: a few ulps)."""
+    from folklm.kernels import native
+    from folklm.quant import Int4Linear
+
+    torch.manual_seed(group)
+    layer = Int4Linear.from_linear(torch.nn.Linear(256, 48), group_size=group)
+    blocks = native_step.int4_blocks(layer)
+    out = torch.empty(48, 256)
+    lib = native.kernels()
+    assert lib is not None
+    rc = lib.lib.folk_dequant_rows(
+        native_step._I4_GROUPS,
+        blocks.data_ptr(),
+        blocks.stride(0),
+        256,
+        None,
+        0,
+        48,
+        out.data_ptr(),
+        1,
+    )
+    assert rc == 0
+    want = layer.dequantize(torch.float64)
+    assert (out.double() - want).abs().max().item() <= 4e-7 * want.abs().max().item()

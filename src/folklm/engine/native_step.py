@@ -17,7 +17,10 @@ It applies only where it computes exactly what the PyTorch model would:
 - the model is built from the plain Llama blocks (``models.llama``: ``Attention``, ``MLP``,
   ``RMSNorm``, ``RotaryEmbedding``); Llama, Mistral and Qwen2 are, other families are not;
 - every projection is an ``nn.Linear`` with contiguous float weights, a ``GGUFLinear`` or
-  an ``Int8Linear`` (``folk quantize --scheme int8``: int8 rows times a scale per row);
+  an ``Int8Linear`` (``folk quantize --scheme int8``: int8 rows times a scale per row) or
+  an ``Int4Linear`` (int4 groups of 32 or more, re-laid once as Q4_1-like blocks with
+  float32 scale and offset: exact, 0.75 bytes per weight, kept beside PyTorch's own copy,
+  which the prefill uses);
 - no forward hook or pre-hook is set on any of its modules (interpretability tools, GPTQ);
 - one token per row, no per-row LoRA adapters, a float32 or bfloat16 cache.
 
@@ -39,6 +42,7 @@ from folklm.engine.slots import SlotDecode
 from folklm.errors import FolkError
 from folklm.kernels import native
 from folklm.kernels.gguf_linear import ACTIVATION_LEVELS, GGUFEmbedding, GGUFLinear
+from folklm.kernels.int4 import Int4Linear
 from folklm.kernels.int8 import Int8Linear
 from folklm.models.llama import MLP, Attention, CausalLM, DecoderLayer, RMSNorm
 from folklm.ops.rope import RotaryEmbedding
@@ -62,7 +66,24 @@ class _Lin(ctypes.Structure):
     ]
 
 
-_I8_ROWS = 256  # decode_step.c's type of folklm's int8 rows (kernels.int8)
+_I8_ROWS = 256  # gguf_kernels.c's type of folklm's int8 rows (kernels.int8)
+_I4_GROUPS = 257  # gguf_kernels.c's Q4_1-like blocks with float32 d and m (kernels.int4)
+
+
+def int4_blocks(module: Int4Linear) -> torch.Tensor:
+    """An ``Int4Linear``'s weight as (N, K/32 * 24) bytes of blocks ``[d, m, nibbles]``.
+
+    ``w = s * (q - 8) + z`` (kernels.int4) is ``d * q + m`` with ``d = s`` and ``m = z - 8 s``
+    in float32 for each run of 32 inputs (a group of 64 or more repeats its d and m); the 32
+    codes are packed as Q4_1 packs them: byte j holds code j (low nibble) and j + 16.
+    """
+    N, K, G = module.out_features, module.in_features, module.group_size
+    codes = module.codes().reshape(N, K // 32, 32)
+    nibbles = (codes[..., :16] | (codes[..., 16:] << 4)).to(torch.uint8)  # (N, K/32, 16)
+    s = module.scales.float().repeat_interleave(G // 32, dim=1)  # (N, K/32)
+    m = module.zeros.float().repeat_interleave(G // 32, dim=1) - 8 * s
+    dm = torch.stack([s, m], dim=-1).contiguous().view(torch.uint8)  # (N, K/32, 8)
+    return torch.cat([dm, nibbles], dim=-1).reshape(N, K // 32 * 24).contiguous()
 
 
 class _Layer(ctypes.Structure):
@@ -216,6 +237,19 @@ class NativeStep:
                 k=q.shape[1],
                 bias=bias,
                 scale=self._floats(module.scales),
+            )
+        if isinstance(module, Int4Linear):
+            if module.group_size % 32:
+                raise Unsupported(f"{where}: int4 groups of {module.group_size}")
+            blocks = int4_blocks(module)
+            self._keep.append(blocks)
+            return _Lin(
+                type=_I4_GROUPS,
+                w=blocks.data_ptr(),
+                row_bytes=blocks.stride(0),
+                n=module.out_features,
+                k=module.in_features,
+                bias=None if module.bias is None else self._floats(module.bias),
             )
         if type(module) is not nn.Linear:
             raise Unsupported(f"{where} is a {type(module).__name__}")

@@ -60,6 +60,8 @@ enum {
     T_Q6_K = 14,
     T_I8R = 256, /* not GGML: folklm's int8 rows (k signed codes; the row scale is applied by
                     the caller) */
+    T_I4G = 257, /* not GGML: folklm's int4 groups re-laid as Q4_1 with float32 d and m (24 bytes
+                    per 32 weights: d, m, 16 bytes of nibbles in Q4_1 order), w = d * q + m */
 };
 
 /* ---- float16 ------------------------------------------------------------------------ */
@@ -222,6 +224,17 @@ static float dot_scalar(int type, const uint8_t *w, int64_t k, xrow x) {
         }
         return acc;
     }
+    if (type == T_I4G) {
+        for (int64_t b = 0; b < k / 32; b++, w += 24) {
+            float d, mn;
+            memcpy(&d, w, 4);
+            memcpy(&mn, w + 4, 4);
+            codes_q4(w + 8, q);
+            isum32(q, x.q + 32 * b, &h0, &h1);
+            acc += x.d[b] * (d * (float)(h0 + h1) + mn * (float)(x.s[2 * b] + x.s[2 * b + 1]));
+        }
+        return acc;
+    }
     if (type == T_Q4_0 || type == T_Q4_1 || type == T_Q5_0 || type == T_Q5_1) {
         int size = type == T_Q4_0 ? 18 : type == T_Q4_1 ? 20 : type == T_Q5_0 ? 22 : 24;
         int has_min = type == T_Q4_1 || type == T_Q5_1;
@@ -379,6 +392,17 @@ INL void blk_q4_1(const uint8_t *w, xrow x, int64_t b, __m256 *acc, __m256 *accm
     *accm = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(w + 2)), levels_f4(x, b, L), *accm);
 }
 
+static inline float f32_at(const uint8_t *p) {
+    float f;
+    memcpy(&f, p, 4);
+    return f;
+}
+
+INL void blk_i4g(const uint8_t *w, xrow x, int64_t b, __m256 *acc, __m256 *accm, int L) {
+    *acc = levels_dot(*acc, _mm256_set1_ps(f32_at(w)), nibbles16(w + 8), x, b, 0, L);
+    *accm = _mm256_fmadd_ps(_mm256_set1_ps(f32_at(w + 4)), levels_f4(x, b, L), *accm);
+}
+
 INL void blk_q5_1(const uint8_t *w, xrow x, int64_t b, __m256 *acc, __m256 *accm, int L) {
     __m256i q = _mm256_or_si256(nibbles16(w + 8), bits_to_16(u32_at(w + 4)));
     *acc = levels_dot(*acc, _mm256_set1_ps(f16_at(w)), q, x, b, 0, L);
@@ -407,6 +431,9 @@ INL float dot_avx2_impl(int type, const uint8_t *w, int64_t k, xrow x, const int
         break;
     case T_I8R:
         BLOCKS2(blk_i8r, 32);
+        break;
+    case T_I4G:
+        BLOCKS2(blk_i4g, 24);
         break;
     case T_Q4_0:
         BLOCKS2(blk_q4_0, 18);
@@ -496,7 +523,7 @@ static float dot_avx2_two(int type, const uint8_t *w, int64_t k, xrow x) {
 #endif
 
 static int known_type(int t) {
-    return t == T_I8R || t == T_Q4_0 || t == T_Q4_1 || t == T_Q5_0 || t == T_Q5_1 || t == T_Q8_0 ||
+    return t == T_I8R || t == T_I4G || t == T_Q4_0 || t == T_Q4_1 || t == T_Q5_0 || t == T_Q5_1 || t == T_Q8_0 ||
            t == T_Q4_K || t == T_Q5_K || t == T_Q6_K;
 }
 
@@ -730,6 +757,15 @@ static int dequant_row(int type, const uint8_t *w, int64_t k, float *out) {
             }
             int z = type == T_Q4_0 ? 8 : 16;
             for (int j = 0; j < 32; j++) out[32 * b + j] = d * (float)(q[j] - z);
+        }
+        return 0;
+    case T_I4G:
+        for (int64_t b = 0; b < k / 32; b++, w += 24) {
+            float d, mn;
+            memcpy(&d, w, 4);
+            memcpy(&mn, w + 4, 4);
+            codes_q4(w + 8, q);
+            for (int j = 0; j < 32; j++) out[32 * b + j] = d * (float)q[j] + mn;
         }
         return 0;
     case T_Q4_1:
