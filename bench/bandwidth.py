@@ -2,8 +2,9 @@
 
 A decode step of a model much larger than the last-level cache reads every weight once from
 DRAM, so its speed is bounded by the read bandwidth: tok/s <= bandwidth / bytes per token.
-This bench builds random-weight models (folklm's own Llama code, its quantizers, its
-``pack_linears``, its ``generate``), measures the machine's read bandwidth in the same
+This bench builds random-weight models (folklm's own Llama code, its quantizers, the
+speed-ups ``folklm.load`` applies -- the native decode step, else packed linears -- and its
+``generate``), measures the machine's read bandwidth in the same
 process and prints the fraction of that ceiling each precision reaches.
 
 Model size: TinyLlama-1.1B dimensions (hidden 2048, MLP 5632, 32 heads / 4 KV heads, 22
@@ -123,8 +124,9 @@ def worker(args) -> None:
 
     import folklm
     from folklm.config import ModelConfig
-    from folklm.engine.fast import pack_linears
+    from folklm.engine import native_step
     from folklm.engine.generate import generate
+    from folklm.engine.llm import speed_up
     from folklm.models.registry import build_model
     from folklm.ops.rope import RotaryEmbedding, inv_frequencies
     from folklm.ops.sampling import SamplingParams
@@ -158,7 +160,10 @@ def worker(args) -> None:
         if t is None or "embed_tokens" in name or "rotary" in name:
             continue
         nbytes += t.numel() * t.element_size()
-    pack_linears(model)
+    speed_up(model)  # what folklm.load does: the native decode step, else packed linears
+    step = native_step.for_model(model)
+    if step is not None:  # the bytes the native step reads (int4 is re-laid: 0.75 B/weight)
+        nbytes = step.weight_bytes
     tok = folklm.load(args.tokenizer_from, dtype="float32", fast=False).tokenizer
     ids = list(range(100, 108))
     one = SamplingParams(max_new_tokens=1, ignore_eos=True)
@@ -175,7 +180,8 @@ def worker(args) -> None:
         total = time.perf_counter() - t
         best = max(best, (args.new_tokens - 1) / max(total - t1, 1e-9))
     ceiling = max(ceiling, read_bandwidth(args.buffer_bytes))
-    print(json.dumps({"bytes_per_token": nbytes, "decode_tps": best, "ceiling_Bps": ceiling}))
+    out = {"bytes_per_token": nbytes, "decode_tps": best, "ceiling_Bps": ceiling}
+    print(json.dumps({**out, "step": "native" if step is not None else "torch"}))
 
 
 def main() -> None:
@@ -233,14 +239,14 @@ def main() -> None:
         print(f"{p}: done; load average {os.getloadavg()}", flush=True)
     print(
         f"\n{'precision':<9} {'layers':>6} {'MB/token':>9} {'>2xL3':>5} {'decode t/s':>10} "
-        f"{'GB/s':>6} {'ceiling GB/s':>12} {'fraction':>8}"
+        f"{'GB/s':>6} {'ceiling GB/s':>12} {'fraction':>8} {'step':>6}"
     )
     for r in rows:
         print(
             f"{r['precision']:<9} {r['layers']:>6} {r['weights_mb']:>9.0f} "
             f"{'yes' if r['above_2x_l3'] else 'no':>5} {r['decode_tps']:>10.2f} "
             f"{r['achieved_GBps']:>6.1f} {r['ceiling_GBps']:>12.1f} "
-            f"{100 * r['fraction_of_ceiling']:>7.0f}%"
+            f"{100 * r['fraction_of_ceiling']:>7.0f}% {r['step']:>6}"
         )
     print(f"load average after {os.getloadavg()}")
     keep = ("precision", "layers", "weights_mb", "decode_tps", "achieved_GBps", "ceiling_GBps",

@@ -81,7 +81,11 @@ def worker_folklm(target: str, dtype: str | None, ids: list[int], n_new: int):
     def call(params):
         return generate(llm.model, llm.tokenizer, [ids], params, [])
 
-    info = {"dtype": str(llm.dtype).removeprefix("torch."), "linears": "+".join(kinds)}
+    from folklm.engine import native_step
+
+    step = "native" if native_step.for_model(llm.model) is not None else "torch"
+    dtype_name = str(llm.dtype).removeprefix("torch.")
+    info = {"dtype": dtype_name, "linears": "+".join(kinds), "step": step}
     return info, lambda: call(one), lambda: call(full)[0].token_ids, torch
 
 
@@ -164,6 +168,7 @@ class Engine:
             "engine": self.label,
             "weights": self.weights,
             "linears": self.info.get("linears", ""),
+            "step": self.info.get("step", ""),
             "prefill_tps": statistics.median(n_prompt / r["prefill_s"] for r in self.rounds),
             "decode_tps": statistics.median(
                 (n_new - 1) / max(r["total_s"] - r["prefill_s"], 1e-9) for r in self.rounds
@@ -368,13 +373,14 @@ def main() -> None:
     results["load_average_after"] = os.getloadavg()
 
     print(
-        f"\n{'precision':<9} {'engine':<13} {'weights':<18} {'linears':<24} "
+        f"\n{'precision':<9} {'engine':<13} {'weights':<18} {'linears':<24} {'step':<6} "
         f"{'prefill t/s':>11} {'decode t/s':>10} {'peak RSS MB':>11}"
     )
     for prec, r in table:
         print(
             f"{prec:<9} {r['engine']:<13} {r['weights'][:18]:<18} {r['linears'][:24]:<24} "
-            f"{r['prefill_tps']:>11.1f} {r['decode_tps']:>10.1f} {r['peak_rss_mb']:>11.0f}"
+            f"{r.get('step', ''):<6} {r['prefill_tps']:>11.1f} {r['decode_tps']:>10.1f} "
+            f"{r['peak_rss_mb']:>11.0f}"
         )
     print()
     for prec, res in results["precisions"].items():

@@ -260,11 +260,11 @@ def load(
     else:
         raise CheckpointError(f"{path}: no such file or folder")
     if fast:
-        _speed_up(model)
+        speed_up(model)
     return LLM(model, tokenizer, gen_config, str(path), time.perf_counter() - t0)
 
 
-def _speed_up(model: CausalLM) -> None:
+def speed_up(model: CausalLM) -> None:
     """The native decode step where the model can take it (its linears stay plain, so the
     step reads them in place), else oneDNN-packed linears (``engine.fast``)."""
     nf4_to_int8(model)
@@ -298,6 +298,6 @@ def _load_with_adapter(
         with torch.no_grad():
             weight.copy_(fused_weight(weight, w, adapter.config.scaling))
     if fast:
-        _speed_up(llm.model)
+        speed_up(llm.model)
     llm.source, llm.load_seconds = str(path), time.perf_counter() - t0
     return llm

@@ -192,6 +192,9 @@ class NativeStep:
         # modules whose hooks would be bypassed
         self._watched: list[nn.Module] = [model, model.model, *model.modules()]
         self.levels = ACTIVATION_LEVELS
+        lins = [getattr(s, f) for s in structs for f in ("q", "k", "v", "o", "gate", "up", "down")]
+        # bytes of weights one decode step reads (every linear, the head; one embedding row)
+        self.weight_bytes = sum(x.row_bytes * x.n for x in [*lins, m.head])
         self.calls = 0  # decode steps run (tests and benchmarks read it)
 
     # -- building ----------------------------------------------------------------------------
