@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,9 +101,18 @@ def build(march: str | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
     os.close(fd)
+    tty = sys.stderr.isatty()
+    if tty:  # progress for a person at a terminal; logs and tests stay quiet
+        print(
+            "folklm: compiling the native kernels for this CPU (once)...", end="", file=sys.stderr
+        )
+        sys.stderr.flush()
+    t0 = time.perf_counter()
     try:
         cmd = [cc, *flags, *(str(_CSRC / s) for s in SOURCES), "-o", tmp, "-lm"]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if tty:
+            print(f" {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         if out.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr.strip()[-2000:]}")
         os.replace(tmp, target)
