@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -108,8 +109,15 @@ def test_pull_hf_gated_without_token_is_one_clear_line(hub, home):
     proc = folk("pull", "hf:org/gated")
     assert_one_line_error(proc, "hf:org/gated", "401", "gated", "HF_TOKEN")
     assert api.list_models() == []
-    out = pull_json("hf:org/gated", env={"HF_TOKEN": GOOD_TOKEN})
-    assert out["entry"]["name"] == "gated:latest"
+    proc = folk("pull", "hf:org/gated", env={"HF_TOKEN": GOOD_TOKEN})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("pulled gated:latest  sha256:")
+    weights = len(hub.repos["org/gated"].files["model.safetensors"])
+    # piped (no terminal): one line per transfer with its size and speed
+    line = [x for x in proc.stderr.splitlines() if "model.safetensors" in x]
+    assert re.fullmatch(
+        rf"fetched model\.safetensors  {weights / 1e3:.1f} KB in \d+\.\d s \(.+/s\)", line[0]
+    )
 
 
 def test_pull_hf_one_gguf_takes_the_licence_from_the_model_card(hub, home):

@@ -231,3 +231,15 @@ def test_go_template_families():
     assert template is not None and template.endswith("<|im_start|>assistant\n")
     assert go_template("{{ bos_token }}<|start_header_id|>x<|eot_id|>")[2] == "llama3"
     assert go_template("{% for m in messages %}{{ m.content }}{% endfor %}") == (None, [], None)
+
+
+def test_hf_entry_exports_to_ollama_with_the_gguf_export(home, bpe_models, tmp_path):
+    from folklm.export import export, export_report
+
+    api.import_path(bpe_models("qwen2"), "q", license="apache-2.0")
+    report = export_report("q", tmp_path / "m", "ollama")
+    gguf = export("q", tmp_path / "g", "gguf")
+    assert (tmp_path / "m" / "q.gguf").read_bytes() == gguf.read_bytes()
+    pairs = parse_modelfile((tmp_path / "m" / "Modelfile").read_text())
+    assert pairs[0] == ("FROM", "./q.gguf") and ("LICENSE", "apache-2.0") in pairs
+    assert report["modelfile"] == str(tmp_path / "m" / "Modelfile")
