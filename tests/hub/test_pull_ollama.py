@@ -63,7 +63,7 @@ def test_pull_ollama_imports_gguf_template_params_and_licence(registry, home):
     assert texts == {"model": None, "template": TEMPLATE, "params": PARAMS, "license": APACHE}
     accepts = [a for m, p, a in registry.log if "/manifests/" in p]
     assert accepts == ["application/vnd.docker.distribution.manifest.v2+json"]
-    assert not list((home / "downloads").glob("*"))  # the download moved into the hub
+    assert not list((home / "downloads").glob("*.partial"))  # the download moved into the hub
 
 
 def test_pull_ollama_resumes_and_refuses_a_corrupted_blob(registry, home, tmp_path):
@@ -73,7 +73,7 @@ def test_pull_ollama_resumes_and_refuses_a_corrupted_blob(registry, home, tmp_pa
     proc = folk("pull", "ollama:tiny:1b")
     assert_one_line_error(proc, "ollama:tiny:1b", digest[:19], "refused")
     assert api.list_models() == [] and not list((home / "hub/blobs").glob("*"))
-    assert not list((home / "downloads").glob("*"))  # the bad bytes are not resumed from
+    assert not list((home / "downloads").glob("*.partial"))  # the bad bytes are not resumed from
     registry.faults.corrupt.clear()
     registry.faults.drop.add(digest)  # half, then the connection closes: resumed in-process
     out = pull_json("ollama:tiny:1b")

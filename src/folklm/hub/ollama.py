@@ -29,7 +29,7 @@ from typing import Any
 
 from folklm.errors import FolkError
 from folklm.hub.licenses import identify_text, split_expression
-from folklm.hub.names import ModelRef, suggest_ref
+from folklm.hub.names import ModelRef
 
 DEFAULT_REGISTRY = "registry.ollama.ai"
 MANIFEST_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
@@ -67,15 +67,20 @@ class OllamaName:
 
     @property
     def hub_name(self) -> str:
-        """The hub name it is imported under by default (``llama3.2:1b``)."""
-        ref = suggest_ref(
-            self.model if self.namespace == "library" else f"{self.namespace}-{self.model}"
-        )
-        return str(ModelRef(ref.name, suggest_ref(self.tag).name))
+        """The hub name it is imported under by default (``llama3.2:1b``,
+        ``team-model:7b-q4_k_m``)."""
+        model = self.model if self.namespace == "library" else f"{self.namespace}-{self.model}"
+        return str(ModelRef(_hub_part(model), _hub_part(self.tag)))
 
     @property
     def file_name(self) -> str:
-        return f"{suggest_ref(self.model).name}.gguf"
+        return f"{_hub_part(self.model)}.gguf"
+
+
+def _hub_part(text: str) -> str:
+    """``text`` as a hub name part (Ollama names are already close: letters, digits, . _ -)."""
+    part = re.sub(r"[^a-z0-9._-]+", "-", text.lower())
+    return re.sub(r"\.{2,}", ".", part).strip("._-")[:64] or "model"
 
 
 def parse_name(text: str, host: str = DEFAULT_REGISTRY) -> OllamaName:
@@ -103,7 +108,7 @@ def parse_name(text: str, host: str = DEFAULT_REGISTRY) -> OllamaName:
                 f"invalid Ollama model name {text!r}: the {kind} {part!r} must be letters, "
                 "digits, '.', '_' or '-'"
             )
-    return OllamaName(host, namespace, model.lower(), tag.lower())
+    return OllamaName(host, namespace, model, tag)  # case kept: store paths and URLs use it
 
 
 @dataclass(frozen=True)

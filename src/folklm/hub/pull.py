@@ -22,6 +22,7 @@ so its lineage starts at a public, checkable origin.
 
 from __future__ import annotations
 
+import fcntl
 import fnmatch
 import hashlib
 import http.client
@@ -483,14 +484,10 @@ def pull_ollama(
     downloads = folk_home() / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
     model = manifest.model_layer
-    blob = fetch_blob(
-        f"{repo_url}/blobs/{model.digest}",
-        downloads / f"sha256-{model.hex}.partial",
-        model,
-        meter,
-        what,
-        base,
-    )
+    partial = downloads / f"sha256-{model.hex}.partial"
+    with open(partial.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two pulls of one blob never write one file
+        blob = fetch_blob(f"{repo_url}/blobs/{model.digest}", partial, model, meter, what, base)
     info = ollama.source_record(
         manifest,
         texts,
@@ -510,4 +507,5 @@ def pull_ollama(
         what=what,
     )
     blob.unlink(missing_ok=True)  # the hub holds it now (a link or its own copy)
+    partial.with_suffix(".lock").unlink(missing_ok=True)
     return PullResult(entry, f"{what}@{info['manifest_digest']}", meter.transfers, placed)
