@@ -121,6 +121,7 @@ class _Server(ThreadingHTTPServer):
 
 class _Base(BaseHTTPRequestHandler):
     owner: Any  # the FakeHub / FakeOllama
+    server_is_cdn = False
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -259,8 +260,8 @@ class _HubHandler(_Base):
 class _Serving:
     """Start/stop a handler class on 127.0.0.1 in a thread."""
 
-    def _serve(self, handler: type[_Base]) -> tuple[_Server, str]:
-        cls = type("Handler", (handler,), {"owner": self})
+    def _serve(self, handler: type[_Base], cdn: bool = False) -> tuple[_Server, str]:
+        cls = type("Handler", (handler,), {"owner": self, "server_is_cdn": cdn})
         server = _Server(("127.0.0.1", 0), cls)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         return server, f"http://127.0.0.1:{server.server_address[1]}"
@@ -290,7 +291,11 @@ class _OllamaHandler(_Base):
         if parts[0] != "v2" or len(parts) != 5:
             return self._send(404, b'{"errors":[{"code":"NAME_UNKNOWN"}]}')
         name, kind, ref = f"{parts[1]}/{parts[2]}", parts[3], parts[4]
-        if name in reg.private and self.headers.get("Authorization") != f"Bearer {reg.token}":
+        if (
+            name in reg.private
+            and not self.server_is_cdn
+            and self.headers.get("Authorization") != f"Bearer {reg.token}"
+        ):
             return self._send(401, b'{"errors":[{"code":"UNAUTHORIZED"}]}')
         if kind == "manifests":
             manifest = reg.manifests.get(f"{name}:{ref}")
@@ -298,7 +303,10 @@ class _OllamaHandler(_Base):
                 return self._send(404, b'{"errors":[{"code":"MANIFEST_UNKNOWN"}]}')
             reg.log.append((self.command, self.path, self.headers.get("Accept")))
             return self._send(200, manifest, {"Content-Type": MANIFEST_TYPE})
+        if kind == "blobs" and ref in reg.blobs and reg.cdn_url and not self.server_is_cdn:
+            return self._send(307, b"", {"Location": f"{reg.cdn_url}/v2/{name}/blobs/{ref}"})
         if kind == "blobs" and ref in reg.blobs:
+            reg.cdn_log.append(dict(self.headers)) if self.server_is_cdn else None
             return self._send_ranged(ref, reg.blobs[ref], {})
         self._send(404, b'{"errors":[{"code":"BLOB_UNKNOWN"}]}')
 
@@ -309,14 +317,21 @@ MANIFEST_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
 class FakeOllama(_Serving):
     """An Ollama registry: ``add()`` a model, then ``folk pull ollama:NAME --registry url``."""
 
-    def __init__(self) -> None:
+    def __init__(self, cdn: bool = False) -> None:
+        """``cdn``: blobs are answered with a 307 to a second server (another origin), as
+        registry.ollama.ai sends them to its CDN; ``cdn_log`` holds the headers it got."""
         self.manifests: dict[str, bytes] = {}
+        self.cdn_url: str | None = None
+        self.cdn_log: list[dict[str, str]] = []
         self.blobs: dict[str, bytes] = {}
         self.private: set[str] = set()
         self.token = "ollama-secret"
         self.faults = Faults()
         self.log: list[tuple[str, str, str | None]] = []
         self._server, self.url = self._serve(_OllamaHandler)
+        self._cdn = None
+        if cdn:
+            self._cdn, self.cdn_url = self._serve(_OllamaHandler, cdn=True)
 
     def blob(self, data: bytes, media_type: str) -> dict[str, Any]:
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
@@ -349,5 +364,7 @@ class FakeOllama(_Serving):
         return manifest
 
     def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        for server in (self._server, self._cdn):
+            if server is not None:
+                server.shutdown()
+                server.server_close()

@@ -24,8 +24,8 @@ PARAMS = '{"stop":["<|im_start|>","<|im_end|>"],"temperature":0.2}'
 @pytest.fixture
 def registry(home, tmp_path, monkeypatch):
     """A registry with ``tiny:1b`` (GGUF without a licence of its own + template, params,
-    an Apache-2.0 licence layer) and a private ``team/secret``."""
-    server = FakeOllama()
+    an Apache-2.0 licence layer) and a private ``team/secret``; blobs come from its CDN."""
+    server = FakeOllama(cdn=True)
     gguf = tiny_gguf(tmp_path / "t.gguf", license=None).read_bytes()
     server.add("tiny:1b", gguf, {"template": TEMPLATE, "params": PARAMS, "license": APACHE})
     server.add("team/secret", gguf, {"license": "mit"})
@@ -100,6 +100,8 @@ def test_private_registry_needs_its_token(registry, home):
     assert_one_line_error(proc, "ollama:team/secret", "401", "FOLK_OLLAMA_TOKEN")
     out = pull_json("ollama:team/secret", env={"FOLK_OLLAMA_TOKEN": registry.token})
     assert out["entry"]["name"] == "team-secret:latest"
+    # the blobs came through the CDN redirect, and the token stayed with the registry
+    assert registry.cdn_log and not any("Authorization" in h for h in registry.cdn_log)
     assert out["entry"]["license"]["expression"] == "mit"
     proc = folk("pull", "ollama:nope", "--registry", registry.url)
     assert_one_line_error(proc, "ollama:nope:latest", "404")

@@ -350,6 +350,20 @@ def registry_base(registry: str | None = None) -> str:
     return value.rstrip("/")
 
 
+class _KeepTokenOnHost(urllib.request.HTTPRedirectHandler):
+    """Follow redirects (registries send blobs to a CDN), but never carry the registry's
+    token to another host: urllib's own handler would forward ``Authorization``."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and urlparse(newurl).netloc != urlparse(req.full_url).netloc:
+            new.remove_header("Authorization")
+        return new
+
+
+_OPENER = urllib.request.build_opener(_KeepTokenOnHost)
+
+
 def _request(url: str, accept: str | None = None, start: int = 0) -> urllib.request.Request:
     headers = {"User-Agent": "folklm"}
     if accept:
@@ -374,7 +388,7 @@ def _http_error(e: urllib.error.HTTPError, what: str, base: str) -> FolkError:
 
 def _get_bytes(url: str, what: str, base: str, accept: str | None = None) -> bytes:
     try:
-        with urllib.request.urlopen(_request(url, accept), timeout=60) as resp:
+        with _OPENER.open(_request(url, accept), timeout=60) as resp:
             return resp.read()
     except urllib.error.HTTPError as e:
         raise _http_error(e, what, base) from None
@@ -402,7 +416,7 @@ def fetch_blob(
     failures = 0
     while have < layer.size:
         try:
-            with urllib.request.urlopen(_request(url, start=have), timeout=60) as resp:
+            with _OPENER.open(_request(url, start=have), timeout=60) as resp:
                 if have and resp.status != 206:  # the server ignored the range: start over
                     have = 0
                     t.resumed_from = 0
