@@ -226,7 +226,7 @@ def test_export_ollama_errors_are_one_line(home, tmp_path):
 
 
 def test_go_template_families():
-    from folklm.export.ollama import go_template
+    from folklm.export.gotemplate import go_template
 
     template, stops, family = go_template("<|im_start|>x<|im_end|>")
     assert family == "chatml" and stops == ["<|im_start|>", "<|im_end|>"]
@@ -245,3 +245,149 @@ def test_hf_entry_exports_to_ollama_with_the_gguf_export(home, bpe_models, tmp_p
     pairs = parse_modelfile((tmp_path / "m" / "Modelfile").read_text())
     assert pairs[0] == ("FROM", "./q.gguf") and ("LICENSE", "apache-2.0") in pairs
     assert report["modelfile"] == str(tmp_path / "m" / "Modelfile")
+
+
+def render_go(template: str, messages: list[dict[str, str]]) -> str:
+    """Go text/template, the subset the exported templates use: text, ``{{- ``/`` -}}``
+    whitespace trimming, ``range .Messages``, ``if``/``else if``/``else`` on
+    ``eq .Role "x"``, ``.Role`` and ``.Content`` (https://pkg.go.dev/text/template)."""
+    items: list[list] = []
+    for part in re.split(r"({{.*?}})", template, flags=re.S):
+        if part.startswith("{{"):
+            left, right = part.startswith("{{- "), part.endswith(" -}}")
+            items.append(["act", part[3 if left else 2 : -3 if right else -2].strip(), left, right])
+        else:
+            items.append(["text", part])
+    for i, item in enumerate(items):
+        if item[0] == "act" and item[2] and i and items[i - 1][0] == "text":
+            items[i - 1][1] = items[i - 1][1].rstrip()
+        if item[0] == "act" and item[3] and i + 1 < len(items) and items[i + 1][0] == "text":
+            items[i + 1][1] = items[i + 1][1].lstrip()
+    pos = 0
+
+    def parse(stops: tuple[str, ...]) -> tuple[list, str | None]:
+        nonlocal pos
+        nodes: list = []
+        while pos < len(items):
+            kind, text = items[pos][0], items[pos][1]
+            pos += 1
+            if kind == "text":
+                nodes.append(("text", text))
+            elif text in stops or text.startswith("else"):
+                return nodes, text
+            elif text == "range .Messages":
+                body, _ = parse(("end",))
+                nodes.append(("range", body))
+            elif text.startswith("if "):
+                branches, cond = [], text[3:]
+                while True:
+                    body, stop = parse(("end",))
+                    branches.append((cond, body))
+                    if stop == "end":
+                        break
+                    cond = stop[8:] if stop.startswith("else if ") else "true"
+                nodes.append(("if", branches))
+            else:
+                nodes.append(("var", text))
+        return nodes, None
+
+    def holds(cond: str, m: dict[str, str]) -> bool:
+        if cond == "true":
+            return True
+        op = re.fullmatch(r'eq \.Role "(\w+)"', cond)
+        assert op, cond
+        return m["role"] == op.group(1)
+
+    def run(nodes: list, m: dict[str, str]) -> str:
+        out = []
+        for node in nodes:
+            if node[0] == "text":
+                out.append(node[1])
+            elif node[0] == "var":
+                out.append({".Role": m.get("role"), ".Content": m.get("content")}[node[1]])
+            elif node[0] == "range":
+                out += [run(node[1], msg) for msg in messages]
+            else:
+                out.append(next((run(b, m) for c, b in node[1] if holds(c, m)), ""))
+        return "".join(out)
+
+    tree, _ = parse(())
+    return run(tree, {})
+
+
+# The chat templates these families publish in tokenizer_config.json (Llama 3 Instruct,
+# Gemma 2 it, Phi-3 mini instruct, Mistral 7B Instruct v0.1); SmolLM2's is read from the
+# bundled model itself.
+JINJA = {
+    "llama3": "{% set loop_messages = messages %}{% for message in loop_messages %}{% set "
+    "content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ "
+    "message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = "
+    "bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}",
+    "gemma": "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception("
+    "'System role not supported') }}{% endif %}{% for message in messages %}{% if "
+    "(message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation"
+    " roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if "
+    "(message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = "
+    "message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\\n' + message['content'] | "
+    "trim + '<end_of_turn>\\n' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{'<start_of_turn>model\\n'}}{% endif %}",
+    "phi3": "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\\n'"
+    " + message['content'] + '<|end|>\\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\\n'"
+    " + message['content'] + '<|end|>\\n'}}{% elif message['role'] == 'assistant' %}"
+    "{{'<|assistant|>\\n' + message['content'] + '<|end|>\\n'}}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}",
+    "mistral": "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') "
+    "!= (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate "
+    "user/assistant/user/assistant/...') }}{% endif %}{% if message['role'] == 'user' %}"
+    "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{{ message['content'] + eos_token}}{% else %}{{ raise_exception('Only user and assistant "
+    "roles are supported!') }}{% endif %}{% endfor %}",
+}
+
+
+def test_go_templates_render_as_the_jinja_templates_they_replace(default_gguf):
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from folklm.checkpoint.gguf_reader import open_gguf, read_metadata
+    from folklm.export.gotemplate import default_system, go_template, render
+
+    def raise_exception(message: str) -> None:
+        raise ValueError(message)
+
+    templates = dict(JINJA)
+    smollm2 = read_metadata(open_gguf(default_gguf))["tokenizer.chat_template"]
+    templates["chatml"] = smollm2
+    chat = [
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "4."},
+        {"role": "user", "content": "And 3+3?"},
+    ]
+    with_system = [{"role": "system", "content": "Be terse."}, *chat]
+    for family, jinja in templates.items():
+        template, stops, found = go_template(jinja)
+        assert found == family and template is not None and stops
+        env = ImmutableSandboxedEnvironment()
+        env.globals["raise_exception"] = raise_exception
+        # Gemma and Mistral have no system role; SmolLM2 without one: checked below
+        conversations = {"gemma": [chat], "mistral": [chat], "chatml": [with_system]}
+        for messages in conversations.get(family, [chat, with_system]):
+            # BOS is added by llama.cpp as a token, not by Ollama's template
+            want = env.from_string(jinja).render(
+                messages=messages, add_generation_prompt=True, bos_token="", eos_token="</s>"
+            )
+            assert render_go(template, messages) == want, family
+            assert render(template, messages) == want  # the library's own renderer
+    # SmolLM2 adds a system message to a conversation without one: it becomes SYSTEM, which
+    # Ollama puts first in .Messages when a request has no system message of its own
+    system = default_system(smollm2, go_template(smollm2)[0])
+    assert system == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    want = (
+        ImmutableSandboxedEnvironment()
+        .from_string(smollm2)
+        .render(messages=chat, add_generation_prompt=True)
+    )
+    assert (
+        render_go(go_template(smollm2)[0], [{"role": "system", "content": system}, *chat]) == want
+    )
+    assert default_system(JINJA["llama3"], go_template(JINJA["llama3"])[0]) is None

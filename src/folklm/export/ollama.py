@@ -12,9 +12,11 @@ written to GGUF first, as ``folk export --format gguf``), and for an entry that 
 Ollama its template, system, params and licence layers verbatim. For other entries the
 template is translated from the model's Jinja chat template where its family is known
 (ChatML, Llama 3, Gemma, Mistral, Phi-3: the Go templates Ollama's own library uses for
-them); an unknown template is left out, and Ollama then falls back to the GGUF's own
-``tokenizer.chat_template``. Stop strings come from the family and the end-of-sequence
-token; the licence is the entry's LICENSE file, else its licence expression.
+them, :mod:`folklm.export.gotemplate`), with the system message the Jinja template adds
+to a conversation without one as ``SYSTEM``; an unknown template is left out, and Ollama
+then falls back to the GGUF's own ``tokenizer.chat_template``. Stop strings come from the
+family and the end-of-sequence token; the licence is the entry's LICENSE file, else its
+licence expression.
 """
 
 from __future__ import annotations
@@ -29,67 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from folklm.errors import FolkError
+from folklm.export.gotemplate import default_system, go_template
 from folklm.hub import ollama
 from folklm.hub.catalogue import Entry
 from folklm.hub.names import parse_ref
 from folklm.hub.sources import clone_file, json_text
-
-# Known chat-template families: (markers all present in the Jinja template, Go template,
-# stop strings). The Go templates are those of Ollama's library models of each family.
-_FAMILIES: list[tuple[str, tuple[str, ...], str, list[str]]] = [
-    (
-        "chatml",
-        ("<|im_start|>", "<|im_end|>"),
-        "{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
-        "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
-        "<|im_start|>assistant\n",
-        ["<|im_start|>", "<|im_end|>"],
-    ),
-    (
-        "llama3",
-        ("<|start_header_id|>", "<|eot_id|>"),
-        "{{- if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}"
-        "<|eot_id|>{{ end }}"
-        "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n"
-        "{{ .Content }}<|eot_id|>{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n",
-        ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
-    ),
-    (
-        "gemma",
-        ("<start_of_turn>", "<end_of_turn>"),
-        "{{- range .Messages }}<start_of_turn>"
-        '{{ if eq .Role "assistant" }}model{{ else }}{{ .Role }}{{ end }}\n'
-        "{{ .Content }}<end_of_turn>\n{{ end }}<start_of_turn>model\n",
-        ["<start_of_turn>", "<end_of_turn>"],
-    ),
-    (
-        "phi3",
-        ("<|user|>", "<|assistant|>", "<|end|>"),
-        "{{- if .System }}<|system|>\n{{ .System }}<|end|>\n{{ end }}"
-        "{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}<|end|>\n{{ end }}<|assistant|>\n",
-        ["<|end|>", "<|user|>", "<|assistant|>"],
-    ),
-    (
-        "mistral",
-        ("[INST]", "[/INST]"),
-        '{{- range .Messages }}{{ if eq .Role "user" }}[INST] {{ .Content }} [/INST]'
-        '{{ else if eq .Role "assistant" }}{{ .Content }}</s>{{ end }}{{ end }}',
-        ["[INST]", "[/INST]"],
-    ),
-]
-
-
-def go_template(jinja: str | None) -> tuple[str | None, list[str], str | None]:
-    """The Ollama (Go) template for a Jinja chat template: (template, stops, family).
-
-    Only known families are translated; anything else gives ``(None, [], None)``.
-    """
-    if not jinja:
-        return None, [], None
-    for family, markers, template, stops in _FAMILIES:
-        if all(m in jinja for m in markers):
-            return template, list(stops), family
-    return None, [], None
 
 
 @dataclass
@@ -136,6 +82,10 @@ def _describe(entry: Entry, gguf: Path, meta: dict[str, Any], folder: Path | Non
     model.template = template
     if family:
         model.notes.append(f"template: the {family} chat template, as a Go template")
+    if template is not None and isinstance(jinja, str):
+        model.system = default_system(jinja, template)
+        if model.system is not None:
+            model.notes.append("system: the chat template's default system message")
     elif jinja:
         model.notes.append("template: not a known family; Ollama will use the GGUF's own")
     tokens = meta.get("tokenizer.ggml.tokens")
