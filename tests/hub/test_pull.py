@@ -105,7 +105,7 @@ def test_pull_hf_refuses_a_corrupted_file_and_registers_nothing(hub, home):
     assert out["entry"]["name"] == "tiny:latest"
 
 
-def test_pull_hf_gated_without_token_is_one_clear_line(hub, home):
+def test_pull_hf_gated_without_token_is_one_clear_line(hub, home, tmp_path):
     proc = folk("pull", "hf:org/gated")
     assert_one_line_error(proc, "hf:org/gated", "401", "gated", "HF_TOKEN")
     assert api.list_models() == []
@@ -118,6 +118,15 @@ def test_pull_hf_gated_without_token_is_one_clear_line(hub, home):
     assert re.fullmatch(
         rf"fetched model\.safetensors  {weights / 1e3:.1f} KB in \d+\.\d s \(.+/s\)", line[0]
     )
+    # the login file of `hf auth login` serves too (a fresh cache: the files must be fetched)
+    (tmp_path / "hf-home" / "token").write_text(GOOD_TOKEN)
+    fresh = {"HF_HUB_CACHE": str(tmp_path / "fresh-cache")}
+    out = pull_json("hf:org/gated", "--name", "from-login", env=fresh)
+    assert out["entry"]["name"] == "from-login:latest"
+    assert all(t["fetched"] == t["size"] > 0 for t in out["transfers"])
+    (tmp_path / "hf-home" / "token").unlink()
+    fresh = {"HF_HUB_CACHE": str(tmp_path / "fresh-cache-2")}
+    assert_one_line_error(folk("pull", "hf:org/gated", env=fresh), "401", "HF_TOKEN")
 
 
 def test_pull_hf_one_gguf_takes_the_licence_from_the_model_card(hub, home):
