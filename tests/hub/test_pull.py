@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -177,3 +178,34 @@ def test_hf_snapshot_link_leaving_its_blobs_is_refused(home, tmp_path):
     (snapshot / "config.json").symlink_to(outside)
     proc = folk("import", str(snapshot))
     assert_one_line_error(proc, "config.json", "outside", "refused")
+
+
+def test_pull_on_a_terminal_draws_bars_with_size_and_speed(hub, home):
+    """On a terminal (a pseudo-terminal here) each transfer gets a rich bar: done/total
+    size, speed and time left."""
+    import pty
+
+    hub.repos["org/big"] = Repo(tiny_folder_files(rows=3 << 17))  # 24 MiB: several updates
+    size = len(hub.repos["org/big"].files["model.safetensors"])
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: `folk pull` with the pty as its terminal
+        os.execvpe(
+            sys.executable,
+            [sys.executable, "-m", "folklm.cli.main", "pull", "hf:org/big"],
+            {**os.environ, "COLUMNS": "150"},
+        )
+    out = b""
+    while True:
+        try:
+            chunk = os.read(fd, 1 << 16)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    _, status = os.waitpid(pid, 0)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.decode(errors="replace"))
+    assert os.waitstatus_to_exitcode(status) == 0, text[-2000:]
+    assert f"{size / 1e6:.1f}/{size / 1e6:.1f} MB" in text  # rich's DownloadColumn
+    assert re.search(r"model\.safetensors .* \d+\.\d [kMG]?B/s", text)  # TransferSpeedColumn
+    assert "pulled big:latest" in text
