@@ -79,21 +79,39 @@ def _licence_text(expression: str | None, commercial: bool | None) -> str:
 @click.argument("path")
 @click.option("--name", "-n", help="NAME[:TAG] for the entry (default: from the file name).")
 @click.option("--license", "license_", help="Licence id (SPDX or Hugging Face) to record.")
+@click.option(
+    "--ollama-models",
+    metavar="DIR",
+    help="The Ollama store for ollama:NAME (default $OLLAMA_MODELS, else ~/.ollama/models).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the new entry as JSON.")
-def import_cmd(path: str, name: str | None, license_: str | None, as_json: bool) -> None:
-    """Import a Hugging Face folder or a GGUF file into the local hub."""
+def import_cmd(
+    path: str, name: str | None, license_: str | None, ollama_models: str | None, as_json: bool
+) -> None:
+    """Import a model from disk into the local hub.
+
+    PATH is a Hugging Face folder or a GGUF file (copied); a Hugging Face cache snapshot
+    (.../models--ORG--NAME/snapshots/REV) or hf:ORG/REPO[@REVISION] from the cache; or
+    ollama:NAME[:TAG] from the Ollama store. Cache files are linked (reflink or hard link)
+    instead of copied where the file system allows, after the same hash checks.
+    """
     # lazy: `folk --help` starts without the hub's modules
-    from folklm.hub import api
+    from folklm.hub.sources import import_source
 
     with _hub_warnings():
-        entry = api.import_path(path, name, license_)
+        entry, placed = import_source(path, name, license_, ollama_models=ollama_models)
     if as_json:
-        _print_json(entry.to_dict())
+        _print_json({**entry.to_dict(), "placed": placed})
         return
+    how: dict[str, int] = {}
+    for method in placed.values():
+        how[method] = how.get(method, 0) + 1
+    note = ("  (" + ", ".join(f"{n} {m}" for m, n in sorted(how.items())) + ")") if how else ""
     click.echo(
         f"imported {entry.name}  sha256:{entry.digest[:12]}  {entry.architecture}  "
         f"{human_count(entry.parameters)} parameters  {human_bytes(entry.size)}  "
         f"licence {_licence_text(entry.license['expression'], entry.license['commercial'])}"
+        f"{note}"
     )
 
 
@@ -321,14 +339,19 @@ def lineage_cmd(name: str, as_json: bool) -> None:
 
 @click.command("export")
 @click.argument("name")
-@click.argument("out", metavar="DIR")
+@click.argument("out", metavar="[DIR]", required=False)
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["hf", "gguf"]),
+    type=click.Choice(["hf", "gguf", "ollama"]),
     default="hf",
     show_default=True,
-    help="Hugging Face folder or GGUF file.",
+    help="Hugging Face folder, GGUF file, or Ollama (Modelfile + GGUF in DIR, or --store).",
+)
+@click.option(
+    "--store",
+    metavar="DIR",
+    help="ollama: write into this Ollama store (e.g. ~/.ollama/models) instead of DIR.",
 )
 @click.option(
     "--dtype",
@@ -339,22 +362,30 @@ def lineage_cmd(name: str, as_json: bool) -> None:
     "q8_0 for int8, q4_0 for 4-bit schemes).",
 )
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
-@click.option("--json", "as_json", is_flag=True, help="Print the output path as JSON.")
-def export_cmd(name: str, out: str, fmt: str, dtype: str, force: bool, as_json: bool) -> None:
-    """Export a model as a Hugging Face folder (DIR) or a GGUF file (in DIR)."""
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
+def export_cmd(
+    name: str, out: str | None, fmt: str, store: str | None, dtype: str, force: bool, as_json: bool
+) -> None:
+    """Export a model as a Hugging Face folder (DIR), a GGUF file (in DIR), or for Ollama:
+    a Modelfile + GGUF in DIR (`ollama create NAME -f DIR/Modelfile`) or, with --store, the
+    model written into an Ollama store so that `ollama list` shows it."""
     # lazy: imports torch; `folk --help` and the hub commands start without it
-    from folklm.export import export
+    from folklm.export import export_report
 
     dtypes = {k: k for k in ("auto", "f32", "f16", "bf16", "q8_0", "q4_0")}
     if fmt == "hf":
         if dtype in ("q8_0", "q4_0"):
             raise FolkError(f"--dtype {dtype} is a GGUF block type: use it with --format gguf")
         dtypes = {"auto": "auto", "f32": "float32", "f16": "float16", "bf16": "bfloat16"}
-    path = export(name, out, fmt, dtype=dtypes[dtype], force=force)
+    report = export_report(name, out, fmt, dtype=dtypes[dtype], force=force, store=store)
     if as_json:
-        _print_json({"model": name, "format": fmt, "path": str(path)})
+        _print_json({"format": fmt, **report})
+    elif fmt == "ollama" and store:
+        click.echo(f"exported {name} to the Ollama store {store} as {report['ollama_name']}")
     else:
-        click.echo(f"exported {name} to {path}")
+        click.echo(f"exported {name} to {report['path']}")
+    for note in report.get("notes", []) if not as_json else []:
+        click.echo(f"folk: note: {note}", err=True)
 
 
 @click.command("card")

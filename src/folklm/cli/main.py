@@ -252,12 +252,13 @@ from folklm.cli import (  # noqa: E402
     eval_cmds,
     hub_cmds,
     merge_cmds,
+    pull_cmds,
     quant_cmds,
     serve_cmds,
     tune_cmds,
 )
 
-for _commands in (hub_cmds, quant_cmds, tune_cmds, merge_cmds, eval_cmds, serve_cmds):
+for _commands in (hub_cmds, pull_cmds, quant_cmds, tune_cmds, merge_cmds, eval_cmds, serve_cmds):
     _commands.register(app)
 
 

@@ -34,6 +34,7 @@ from folklm.checkpoint.hf import read_config, read_generation_config, read_weigh
 from folklm.config import ModelConfig
 from folklm.engine.llm import load, parse_dtype
 from folklm.errors import FolkError
+from folklm.export.ollama import export_ollama
 from folklm.export.quantized import default_gguf_type, gguf_tensors
 from folklm.hub import api
 from folklm.hub.card import model_card
@@ -41,7 +42,7 @@ from folklm.hub.catalogue import Entry, LineageNode
 from folklm.hub.names import parse_ref
 from folklm.tokenizer import Tokenizer
 
-FORMATS = ("hf", "gguf")
+FORMATS = ("hf", "gguf", "ollama")
 
 
 def gguf_metadata(entry: Entry, tree: LineageNode) -> dict[str, Any]:
@@ -70,11 +71,12 @@ def gguf_metadata(entry: Entry, tree: LineageNode) -> dict[str, Any]:
 
 def export(
     name: str,
-    out: str | os.PathLike,
+    out: str | os.PathLike | None,
     format: str = "hf",
     *,
     dtype: str = "auto",
     force: bool = False,
+    store: str | os.PathLike | None = None,
 ) -> Path:
     """Write entry ``name`` to ``out`` as a Hugging Face folder or a GGUF file.
 
@@ -86,12 +88,56 @@ def export(
             int8 entry, Q4_0 for an int4/NF4/GPTQ one), ``f32``, ``f16``, ``bf16``, ``q8_0``,
             ``q4_0``; for ``hf`` from a GGUF entry ``auto`` means float32.
         force: overwrite an existing GGUF file or non-empty folder.
+        store: for ``ollama``, an Ollama store folder to write into instead of ``out``.
+
+    Returns:
+        The folder, file, or (``ollama --store``) manifest written.
     """
+    return Path(export_report(name, out, format, dtype=dtype, force=force, store=store)["path"])
+
+
+def export_report(
+    name: str,
+    out: str | os.PathLike | None,
+    format: str = "hf",
+    *,
+    dtype: str = "auto",
+    force: bool = False,
+    store: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """:func:`export`, returning what was written: ``path`` and, for ``ollama``, the
+    Modelfile/manifest, the Ollama name and notes on what carried over."""
     if format not in FORMATS:
-        raise FolkError(f"unknown export format {format!r}; expected hf or gguf")
+        raise FolkError(f"unknown export format {format!r}; expected hf, gguf or ollama")
+    if store is not None and format != "ollama":
+        raise FolkError("--store is for --format ollama (an Ollama store folder)")
+    if format == "ollama" and (out is None) == (store is None):
+        raise FolkError(
+            "--format ollama takes one of DIR (a Modelfile folder) or --store DIR (an Ollama store)"
+        )
+    if out is None and format != "ollama":
+        raise FolkError(f"--format {format} needs an output DIR")
     entry = api.show(name)
     tree = api.lineage(name)
     src = api.resolve_model(name)
+    if format == "ollama":
+        if dtype not in ("auto", "f32", "f16", "bf16", "q8_0", "q4_0"):
+            raise FolkError(f"--dtype {dtype} is not a GGUF type")
+
+        def gguf_writer(path: Path) -> Path:
+            return _export_gguf(entry, tree, src, path, dtype, True)
+
+        report = export_ollama(
+            entry,
+            src,
+            Path(out).expanduser() if out is not None else None,
+            Path(store).expanduser() if store is not None else None,
+            force,
+            gguf_writer,
+        )
+        report["path"] = report.get("manifest") or report["path"]
+        return report
+    assert out is not None
     out = Path(out).expanduser()
     if format == "hf":
         if entry.format != "gguf" and dtype != "auto":
@@ -99,8 +145,8 @@ def export(
                 f"{entry.name} is already a Hugging Face folder and is exported unchanged; "
                 "--dtype applies to GGUF entries and to --format gguf"
             )
-        return _export_hf(entry, src, out, dtype, force)
-    return _export_gguf(entry, tree, src, out, dtype, force)
+        return {"model": name, "path": str(_export_hf(entry, src, out, dtype, force))}
+    return {"model": name, "path": str(_export_gguf(entry, tree, src, out, dtype, force))}
 
 
 def _export_hf(entry: Entry, src: Path, out: Path, dtype: str, force: bool) -> Path:

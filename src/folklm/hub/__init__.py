@@ -21,7 +21,12 @@ Modules, from the bottom up:
   transparency reports (exporting files is an operation: :mod:`folklm.export`);
 * :mod:`~folklm.hub.resolve` -- the one resolver: a name, a path or nothing -> files;
 * :mod:`~folklm.hub.derive` -- the derivation context every model-making operation uses;
-* :mod:`~folklm.hub.defaults` -- the bundled default model (converted once, registered).
+* :mod:`~folklm.hub.defaults` -- the bundled default model (converted once, registered);
+* :mod:`~folklm.hub.ollama` -- Ollama names, manifests and layers (no network);
+* :mod:`~folklm.hub.sources` -- imports from the Hugging Face cache and an Ollama store,
+  files linked instead of copied, each checked against the hash it is named by;
+* :mod:`~folklm.hub.pull` -- ``folk pull``: the Hugging Face Hub (``huggingface_hub``) and
+  Ollama registries.
 
 The hub runs no model and imports no operation; nothing here imports torch except the
 first conversion of the default model, so catalogue commands start fast.
