@@ -251,20 +251,22 @@ def prepare(args, env: dict) -> tuple[str, dict[str, Path], dict[str, str]]:
 
 
 def groups(args, folder: str, ggufs: dict[str, Path], entries: dict[str, str]):
-    """(precision, [(label, kind, target, dtype)], [(label, gguf)]) per precision."""
+    """(precision, [(label, kind, target, dtype, env)], [(label, gguf)]) per precision."""
     for prec in args.precisions:
         if prec in ("float32", "bfloat16"):
             py = [
-                ("folklm", "folklm", folder, prec),
-                ("transformers", "transformers", folder, prec),
+                ("folklm", "folklm", folder, prec, {}),
+                ("transformers", "transformers", folder, prec, {}),
             ]
             ll = [("llama.cpp", ggufs["f32"])] if prec == "float32" else []
             ll += [("llama.cpp", ggufs["bf16"]), ("llama.cpp", ggufs["f16"])] * (prec == "bfloat16")
         else:
             gtype = "q8_0" if prec == "int8" else "q4_0"
             py = [
-                ("folklm", "folklm", entries[prec], None),
-                ("folklm (gguf)", "folklm", str(ggufs[gtype]), None),
+                ("folklm", "folklm", entries[prec], None, {}),
+                ("folklm (gguf)", "folklm", str(ggufs[gtype]), None, {}),
+                # activations rounded to int8 once, as llama.cpp does (default: twice)
+                ("folklm (gguf,1)", "folklm", str(ggufs[gtype]), None, {"FOLK_GGUF_LEVELS": "1"}),
             ]
             ll = [("llama.cpp", ggufs[gtype])]
         yield prec, py, ll
@@ -328,7 +330,10 @@ def main() -> None:
     results: dict = {"cpu": cpu_info().summary(), "threads": args.threads, "precisions": {}}
     table = []
     for prec, py, ll in groups(args, folder, ggufs, entries):
-        engines = [Engine(lab, kind, tgt, dt, args, ids, env) for lab, kind, tgt, dt in py]
+        engines = [
+            Engine(lab, kind, tgt, dt, args, ids, {**env, **extra})
+            for lab, kind, tgt, dt, extra in py
+        ]
         lruns: dict[str, list[dict]] = {str(g): [] for _, g in ll}
         for _ in range(args.rounds):
             for e in engines:

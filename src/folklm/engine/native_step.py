@@ -189,8 +189,9 @@ class NativeStep:
         if rotary.inv_freq.numel() * 2 != c.head_size:
             raise Unsupported("partial rotary embeddings")
         self._model = m
-        # modules whose hooks would be bypassed
-        self._watched: list[nn.Module] = [model, model.model, *model.modules()]
+        # the hook tables of every module the step bypasses (dicts, checked for emptiness)
+        mods = list(model.modules())
+        self._hook_tables = [m._forward_hooks for m in mods] + [m._forward_pre_hooks for m in mods]
         self.levels = ACTIVATION_LEVELS
         lins = [getattr(s, f) for s in structs for f in ("q", "k", "v", "o", "gate", "up", "down")]
         # bytes of weights one decode step reads (every linear, the head; one embedding row)
@@ -303,7 +304,7 @@ class NativeStep:
         """Whether a forward hook is set anywhere the native step would skip."""
         if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
             return True
-        return any(m._forward_hooks or m._forward_pre_hooks for m in self._watched)
+        return any(self._hook_tables)
 
     def accepts(self, cache: Cache) -> bool:
         return isinstance(cache, KVCache | SlotDecode) and cache.k[0].dtype in (
