@@ -255,3 +255,30 @@ def test_int4_relayout_is_exact(group: int) -> None:
     assert rc == 0
     want = layer.dequantize(torch.float64)
     assert (out.double() - want).abs().max().item() <= 4e-7 * want.abs().max().item()
+
+
+def test_two_threads_decode_at_once(tiny_models) -> None:
+    """The C thread pool runs one job at a time; a second caller runs its own job alone."""
+    import threading
+
+    _, folder = tiny_models("llama")
+    llms = [folklm.load(folder, dtype="float32") for _ in range(2)]
+    prompts = ["t5 t6 t7 t8", "t9 t10 t11"]
+
+    def run(i: int) -> list[int]:
+        out = llms[i].generate(prompts[i], max_new_tokens=24, temperature=0, chat=False)
+        return out.token_ids
+
+    want = [run(0), run(1)]
+    got: list = [None, None]
+
+    def work(i: int) -> None:
+        for _ in range(5):
+            got[i] = run(i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == want

@@ -586,12 +586,25 @@ static void *helper(void *arg) {
     return NULL;
 }
 
+/* The pool runs one job at a time: a caller from another thread (two models decoding in two
+ * threads) that finds it busy runs its job alone instead of waiting. */
+static pthread_mutex_t pool_owner = PTHREAD_MUTEX_INITIALIZER;
+
+static void pool_run(void (*fn)(void *, int64_t, int64_t), void *ctx, int64_t n, int64_t chunk,
+                     int nthreads);
+
 void folk_parallel_for(void (*fn)(void *, int64_t, int64_t), void *ctx, int64_t n, int64_t chunk,
                        int nthreads) {
-    if (nthreads <= 1 || n <= chunk) {
+    if (nthreads <= 1 || n <= chunk || pthread_mutex_trylock(&pool_owner) != 0) {
         fn(ctx, 0, n);
         return;
     }
+    pool_run(fn, ctx, n, chunk, nthreads);
+    pthread_mutex_unlock(&pool_owner);
+}
+
+static void pool_run(void (*fn)(void *, int64_t, int64_t), void *ctx, int64_t n, int64_t chunk,
+                     int nthreads) {
     job_t j = {.fn = fn, .ctx = ctx, .n = n, .chunk = chunk};
     atomic_init(&j.next, 0);
     atomic_init(&j.done, 0);
