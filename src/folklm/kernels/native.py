@@ -72,9 +72,17 @@ def _flags(march: str) -> list[str]:
     return ["-O3", *arch, "-pthread", "-fPIC", "-shared", "-std=c11", "-ffp-contract=off"]
 
 
-def _version(cc: str) -> str:
-    out = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
-    return out.stdout.splitlines()[0] if out.returncode == 0 and out.stdout else "unknown"
+def _identity(cc: str) -> str:
+    """The compiler's identity for the cache key: its resolved path, size and modification
+    time (an upgrade changes them), without running it -- a fork of a process that has torch
+    loaded costs tens of milliseconds, on every start."""
+    path = shutil.which(cc) or cc
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+    except OSError:
+        return real
+    return f"{real}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def build(march: str | None = None) -> Path:
@@ -93,7 +101,7 @@ def build(march: str | None = None) -> Path:
     key = hashlib.sha256()
     for name in (*SOURCES, *HEADERS):
         key.update((_CSRC / name).read_bytes())
-    key.update("|".join([_version(cc), *flags, cpu_info().fingerprint]).encode())
+    key.update("|".join([_identity(cc), *flags, cpu_info().fingerprint]).encode())
     folder = folk_home() / "kernels" / key.hexdigest()[:16]
     target = folder / "folk_kernels.so"
     if target.is_file():
