@@ -227,3 +227,22 @@ def test_bound_constant_is_tight() -> None:
     assert (x - q).abs().max() <= a / 254 * (1 + 1e-6)
     assert (x - q).abs().max() >= a / 254 * 0.99
     assert math.isclose(254.0**2, 64516.0)
+
+
+def test_compiling_shows_progress_at_a_terminal_only(tmp_path) -> None:
+    import pty
+
+    code = "from folklm.kernels import native; native.build('x86-64-v2')"
+    env = {**os.environ, "FOLK_HOME": str(tmp_path)}
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    master, slave = pty.openpty()
+    proc = subprocess.run([sys.executable, "-c", code], env=env, stderr=slave, timeout=300)
+    os.close(slave)
+    seen = os.read(master, 4096).decode()
+    os.close(master)
+    assert proc.returncode == 0
+    assert "compiling the native kernels for this CPU (once)..." in seen and " s" in seen
+    env["FOLK_HOME"] = str(tmp_path / "other")  # compiles again, into a pipe: quiet
+    again = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert again.returncode == 0 and again.stderr == ""
+    assert list((tmp_path / "other" / "kernels").glob("*/folk_kernels.so"))
