@@ -35,6 +35,7 @@ import weakref
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from folklm.cache import Cache, KVCache
@@ -149,8 +150,13 @@ class NativeStep:
             attn, mlp = layer.self_attn, getattr(layer, layer.mlp_name)
             if type(attn) is not Attention or attn.qkv_proj is not None:
                 raise Unsupported(f"layer {i}'s attention is not the plain Llama attention")
+            # a scale or logit cap of its own (Gemma) is not what the C step computes
+            if getattr(attn, "scale", None) is not None or getattr(attn, "softcap", None):
+                raise Unsupported(f"layer {i}'s attention scale or soft-cap")
             if type(mlp) is not MLP or mlp.gate_up_proj is not None:
                 raise Unsupported(f"layer {i}'s MLP is not a plain SwiGLU MLP")
+            if getattr(mlp, "act", F.silu) is not F.silu:
+                raise Unsupported(f"layer {i}'s MLP activation is not SiLU")
             s = structs[i]
             for slot, module in (
                 ("q", attn.q_proj),
@@ -169,6 +175,10 @@ class NativeStep:
         rotary = model.model.rotary_emb
         if type(rotary) is not RotaryEmbedding:
             raise Unsupported(f"rotary embedding {type(rotary).__name__}")
+        if getattr(rotary, "by_length", False):  # longrope / dynamic: per-call frequencies
+            raise Unsupported("RoPE frequencies that depend on the sequence length")
+        if getattr(c, "final_logit_softcapping", None) is not None:
+            raise Unsupported("final logit soft-capping")
         inv_freq = self._floats(rotary.inv_freq)
         m = _Model(
             n_layers=len(layers),
@@ -179,7 +189,7 @@ class NativeStep:
             ffn=c.intermediate_size,
             vocab=c.vocab_size,
             eps=c.rms_norm_eps,
-            rope_mult=float(getattr(rotary, "attention_scaling", 1.0)),
+            rope_mult=float(getattr(rotary, "scaling", 1.0)),  # yarn's cos/sin factor
             inv_freq=inv_freq,
             embed=self._embedding(model.model.embed_tokens),
             head=self._linear(model.lm_head, "lm_head"),
@@ -376,7 +386,7 @@ def enable(model: nn.Module) -> NativeStep | None:
     if os.environ.get("FOLK_NATIVE_STEP", "1") == "0":
         return None
     step = None
-    if isinstance(model, CausalLM) and model.config.model_type in _FAMILIES:
+    if type(model) is CausalLM and model.config.model_type in _FAMILIES:
         lib = native.kernels()
         if lib is not None:
             try:
