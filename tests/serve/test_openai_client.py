@@ -20,7 +20,8 @@ import pytest
 import torch
 from pydantic import BaseModel, Field
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+# the real default model behind a server, and transformers' load of it: slow
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.slow]
 
 MODEL = "smollm2"
 

@@ -97,6 +97,7 @@ FUZZ = settings(
 )
 
 
+@pytest.mark.slow  # > 1,000 HTTP requests
 def test_fuzz_1000_hostile_requests_then_still_correct(tiny_server):
     # Three hypothesis fuzzers run inside this test and count what they send here, so the
     # total is this test's own (no counter shared with other tests).
