@@ -39,6 +39,7 @@ def start(script, folder, name):
     return proc
 
 
+@pytest.mark.slow  # 27 imports, 24 killed (the deterministic kill below runs in the quick set)
 @pytest.mark.filterwarnings("ignore:no licence found")
 def test_import_killed_at_random_points_leaves_no_half_entry(home, tiny_models, tmp_path):
     _, base = tiny_models("llama")

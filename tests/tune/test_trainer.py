@@ -69,6 +69,7 @@ def _run_dir(home, out):
     return home / "runs" / f"{name}-{tag}"
 
 
+@pytest.mark.slow  # three training runs in subprocesses
 def test_kill_and_resume_gives_same_weights(tiny_chat, home, monkeypatch):
     # MKL's default results may depend on the memory alignment of its inputs, which differs
     # between processes; its conditional-numerical-reproducibility mode makes the three runs
@@ -117,6 +118,7 @@ def test_kill_and_resume_gives_same_weights(tiny_chat, home, monkeypatch):
     assert loss("whole:v1") == loss("cut:v1") and len(loss("cut:v1")) == 30
 
 
+@pytest.mark.slow  # a real training run per method
 @pytest.mark.parametrize("method", ["lora", "dora", "qlora", "full"])
 def test_methods_learn_and_register(tiny_chat, home, method):
     out = f"tiny-{method}:v1"
