@@ -69,6 +69,7 @@ def test_quantize_writes_an_entry_that_loads_without_requantizing(tiny_entry, sc
     assert lineage["parents"][0]["name"] == tiny_entry
 
 
+@pytest.mark.slow  # one folk subprocess per bad input
 def test_quantize_bad_input(tiny_entry, tmp_path):
     before = _names()
     cases = [
