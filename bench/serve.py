@@ -10,8 +10,15 @@ server RSS during the level and RSS after it once the server is idle again, agai
 idle baseline measured after a warm-up. The peer run side by side is the same server with
 ``--max-batch 1`` (requests served one after another) at 16 clients.
 
+Both servers are up for the whole run and the measurements are interleaved: ``--rounds``
+rounds, each running every level (in reverse order every other round) and, at 16 clients,
+the batched and the one-at-a-time server back to back (alternating which goes first), so
+that a change in the machine's load hits all of them. Each figure is the median over the
+rounds (the per-round tokens/s are printed too), and the machine's load average is printed
+with the figures.
+
     python bench/serve.py                       # table + one JSON line at the end
-    python bench/serve.py --duration 30 --levels 1 4 16 64
+    python bench/serve.py --duration 30 --levels 1 4 16 64 --rounds 3
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import json
 import os
 import random
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -176,6 +184,18 @@ def run_level(server: Server, n: int, duration: float, max_tokens: int) -> dict:
     }
 
 
+def merge(rounds: list[dict]) -> dict:
+    """One level's figures over the rounds: the median of each number, the max of peak RSS,
+    and the per-round tokens/s."""
+    out = dict(rounds[0])
+    for key, value in rounds[0].items():
+        if key != "clients" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            values = [r[key] for r in rounds]
+            out[key] = max(values) if key == "peak_rss_mb" else round(statistics.median(values), 4)
+    out["tokens_per_s_rounds"] = [r["tokens_per_s"] for r in rounds]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="model to serve (default: the bundled one)")
@@ -183,24 +203,40 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=20.0, help="seconds of load per level")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--no-peer", action="store_true", help="skip the --max-batch 1 peer run")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds (median)")
     args = ap.parse_args()
 
+    want_peer = not args.no_peer and 16 in args.levels
     server = Server(args.model, max_batch=max(args.levels))
+    unbatched = Server(args.model, max_batch=1) if want_peer else None
+    load_before = os.getloadavg()
+    samples: dict[object, list[dict]] = {}
     try:
         run_level(server, 1, 2.0, 8)  # warm-up: first-request costs (vocabulary, caches)
+        if unbatched is not None:
+            run_level(unbatched, 1, 2.0, 8)
         idle = server.idle_rss_mb()
-        levels = [run_level(server, n, args.duration, args.max_tokens) for n in args.levels]
+        for r in range(args.rounds):
+            for n in args.levels if r % 2 == 0 else list(reversed(args.levels)):
+                jobs: list[tuple[object, Server]] = [(n, server)]
+                if unbatched is not None and n == 16:
+                    jobs.append(("peer", unbatched))
+                    if r % 2:
+                        jobs.reverse()
+                for key, srv in jobs:
+                    result = run_level(srv, n, args.duration, args.max_tokens)
+                    samples.setdefault(key, []).append(result)
     finally:
         server.stop()
-    peer = None
-    if not args.no_peer and 16 in args.levels:
-        unbatched = Server(args.model, max_batch=1)
-        try:
-            run_level(unbatched, 1, 2.0, 8)
-            peer = run_level(unbatched, 16, args.duration, args.max_tokens)
-        finally:
+        if unbatched is not None:
             unbatched.stop()
-
+    load_after = os.getloadavg()
+    levels = [merge(samples[n]) for n in args.levels]
+    peer = merge(samples["peer"]) if "peer" in samples else None
+    print(f"machine: {os.cpu_count()} CPUs, load average "
+          f"{' '.join(f'{x:.1f}' for x in load_before)} before, "
+          f"{' '.join(f'{x:.1f}' for x in load_after)} after; "
+          f"{args.rounds} interleaved rounds")  # fmt: skip
     by = {lv["clients"]: lv for lv in levels}
     print(f"folk serve, {args.duration:.0f} s per level, max_tokens {args.max_tokens}; "
           f"idle RSS {idle:.0f} MB (after warm-up)")  # fmt: skip
@@ -219,6 +255,9 @@ def main() -> None:
         "duration_s": args.duration,
         "max_tokens": args.max_tokens,
         "idle_rss_mb": round(idle, 1),
+        "rounds": args.rounds,
+        "load_average_before": load_before,
+        "load_average_after": load_after,
         "levels": {str(k): v for k, v in by.items()},
     }
     if 1 in by and 16 in by and by[1]["tokens_per_s"]:
@@ -231,7 +270,7 @@ def main() -> None:
         )
         print(f"continuous batching vs one-at-a-time, 16 clients: "
               f"{result['batched_vs_unbatched_at_16']}x")  # fmt: skip
-    last = levels[-1]["after_load_rss_mb"]
+    last = max(lv["after_load_rss_mb"] for lv in levels)
     result["rss_back_to_idle"] = bool(last <= idle * 1.1 + 50)
     print(json.dumps(result))
 

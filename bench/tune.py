@@ -5,18 +5,22 @@ as folklm converts it) in float32, put a rank-8 LoRA (alpha 16, no dropout) on q
 and train with AdamW (lr 1e-4, gradient clipping 1.0) on the *same* batches: ShareGPT
 conversations rendered with the model's chat template, assistant-only labels, packed into
 blocks of 256 tokens, batch 4 (folklm's data pipeline builds them once; both engines read
-the same tensors). Each engine runs in its own subprocess so that its peak RSS is its own.
-Tokens/s = 4 x 256 / the median step time after ``--warmup`` steps. The first-step losses
-of both are printed: they must agree (same model, same data, same loss).
+the same tensors). Each engine runs in its own subprocess so that its peak RSS is its own;
+the engines alternate for ``--rounds`` rounds (folklm, peft, folklm, peft, ...) so that a
+change in the machine's load hits both, and the load average is printed with the figures.
+Tokens/s = 4 x 256 / the median step time after ``--warmup`` steps (the median over rounds).
+Every step's loss of both engines is compared: the largest per-step difference is printed
+(same model, same data, same loss: it must be small).
 
     python bench/tune.py                  # table + one JSON line at the end
-    python bench/tune.py --steps 10 --model DIR
+    python bench/tune.py --steps 10 --rounds 3 --model DIR
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -116,6 +120,7 @@ def child(engine: str, model: str, batches_path: str, warmup: int, lr: float) ->
         "peak_rss_mb": peak_rss_mb(),
         "first_loss": losses[0],
         "last_loss": losses[-1],
+        "losses": losses,
     }
     print(json.dumps(out))
 
@@ -128,6 +133,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds per engine")
     ap.add_argument("--child", nargs=2, metavar=("ENGINE", "BATCHES"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.model is None:
@@ -142,32 +148,61 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "batches.pt"
         make_batches(args.model, args.steps, args.batch, args.seq, path)
-        results = {}
-        for engine in ("folklm", "peft"):
-            cmd = [sys.executable, __file__, "--model", args.model, "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), "--lr", str(args.lr),
-                   "--child", engine, str(path)]  # fmt: skip
-            r = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if r.returncode != 0:
-                raise SystemExit(f"{engine} failed:\n{r.stderr[-3000:]}")
-            results[engine] = json.loads(r.stdout.strip().splitlines()[-1])
-    f, p = results["folklm"], results["peft"]
+        runs: dict[str, list[dict]] = {"folklm": [], "peft": []}
+        load_before = os.getloadavg()
+        for _ in range(args.rounds):
+            for engine in ("folklm", "peft"):
+                cmd = [sys.executable, __file__, "--model", args.model, "--steps", str(args.steps),
+                       "--warmup", str(args.warmup), "--lr", str(args.lr),
+                       "--child", engine, str(path)]  # fmt: skip
+                r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                if r.returncode != 0:
+                    raise SystemExit(f"{engine} failed:\n{r.stderr[-3000:]}")
+                runs[engine].append(json.loads(r.stdout.strip().splitlines()[-1]))
+        load_after = os.getloadavg()
+
+    def merged(rounds: list[dict]) -> dict:
+        out = dict(rounds[0])
+        out["tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in rounds)
+        out["step_s"] = statistics.median(r["step_s"] for r in rounds)
+        out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in rounds)
+        out["tokens_per_s_rounds"] = [round(r["tokens_per_s"], 2) for r in rounds]
+        return out
+
+    f, p = merged(runs["folklm"]), merged(runs["peft"])
+    # every step of every round, both engines: the largest loss difference
+    diffs = [
+        abs(a - b)
+        for rf in runs["folklm"]
+        for rp in runs["peft"]
+        for a, b in zip(rf["losses"], rp["losses"], strict=True)
+    ]
+    max_diff = max(diffs)
+    load = "load average {:.1f} {:.1f} {:.1f}".format
     print(f"LoRA r=8 q/k/v/o, seq {args.seq}, batch {args.batch}, fp32, {args.steps} steps "
-          f"(median after {args.warmup}); model {args.model}")  # fmt: skip
+          f"(median after {args.warmup}), {args.rounds} alternating rounds; "
+          f"model {args.model}")  # fmt: skip
+    print(f"machine: {os.cpu_count()} CPUs, {load(*load_before)} before, "
+          f"{load(*load_after)} after")  # fmt: skip
     head = ("engine", "tokens/s", "step s", "peak RSS MB", "loss 1st", "loss last")
     print(f"{head[0]:<22}" + "".join(f"{h:>12}" for h in head[1:]))
     for name, r in (("folklm", f), ("transformers+peft", p)):
         print(f"{name:<22}{r['tokens_per_s']:>12.0f}{r['step_s']:>12.2f}{r['peak_rss_mb']:>12.0f}"
               f"{r['first_loss']:>12.4f}{r['last_loss']:>12.4f}")  # fmt: skip
+    print(f"largest per-step loss difference over all {args.steps} steps: {max_diff:.2e}")
     summary = {
         "bench": "tune",
         "model": args.model,
         "steps": args.steps,
+        "rounds": args.rounds,
         "batch": args.batch,
         "seq": args.seq,
+        "load_average_before": load_before,
+        "load_average_after": load_after,
         "folklm": f,
         "peft": p,
         "first_loss_diff": abs(f["first_loss"] - p["first_loss"]),
+        "max_step_loss_diff": max_diff,
         "tokens_per_s_ratio_vs_peft": f["tokens_per_s"] / p["tokens_per_s"],
         "peak_rss_ratio_vs_peft": f["peak_rss_mb"] / p["peak_rss_mb"],
     }

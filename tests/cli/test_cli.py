@@ -94,7 +94,8 @@ def test_bad_model_files(tiny_models, tmp_path):
     assert_one_line_error(folk("run", str(gguf), "hi"), "fake.gguf")
 
 
-def test_chat_repl_keeps_history_and_resets(tiny_models):
+def test_chat_refuses_a_model_without_chat_template(tiny_models):
+    # (history and /reset through the real `folk chat`: tests/engine/test_repl.py)
     _, folder = tiny_models("llama")
     # The tiny tokenizer has no chat template: chat refuses with a clear error.
     assert_one_line_error(folk("chat", str(folder)), "no chat template")

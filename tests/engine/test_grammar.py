@@ -97,6 +97,7 @@ def test_unsupported_schema_keywords_are_refused():
         JsonGrammar({"$ref": "#/$defs/Missing"})
 
 
+@pytest.mark.slow  # the real default model's 49,152-token vocabulary
 def test_fast_masks_equal_walking_every_token(default_llm):
     tok = default_llm.tokenizer
     vocab = Vocabulary(tok, default_llm.config.vocab_size, default_llm.eos_token_ids)

@@ -122,6 +122,7 @@ def test_bad_input_is_a_one_line_error_and_writes_nothing(home, tiny_models, tmp
     assert snapshot(home) == before
 
 
+@pytest.mark.slow  # many folk subprocesses (import, export, card, transparency)
 def test_export_card_transparency(home, bpe_models, tmp_path):
     folder = bpe_models("llama")
     assert folk("import", str(folder), "--name", "bpe", "--license", "mit").returncode == 0

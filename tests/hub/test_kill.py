@@ -1,8 +1,9 @@
-"""Crash safety: an import killed with SIGKILL at a random moment leaves the hub consistent.
+"""Crash safety: an import killed with SIGKILL leaves the hub consistent.
 
 Each run imports a model with new weights (so a new blob is written every time) in a real
-process, which is killed at a random point of the import; the catalogue must then pass
-``verify`` and list either the complete entry or nothing.
+process. One test kills it at random points of the import; the catalogue must then pass
+``verify`` and list either the complete entry or nothing. Another kills it, every time, in
+the window that matters most: after its blobs are on disk and before its one commit.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pytest
 from hubtest import IMPORTER, folk, variant
 
 from folklm.hub import api
-from folklm.hub.store import sha256_file
+from folklm.hub.store import Store, sha256_file
 
 KILLS = 24
 
@@ -38,6 +39,7 @@ def start(script, folder, name):
     return proc
 
 
+@pytest.mark.slow  # 27 imports, 24 killed (the deterministic kill below runs in the quick set)
 @pytest.mark.filterwarnings("ignore:no licence found")
 def test_import_killed_at_random_points_leaves_no_half_entry(home, tiny_models, tmp_path):
     _, base = tiny_models("llama")
@@ -90,3 +92,51 @@ def test_import_killed_at_random_points_leaves_no_half_entry(home, tiny_models, 
     proc = start(script, variant(base, tmp_path / "after", 999), "after")
     assert proc.wait(timeout=60) == 0
     assert api.verify()["problems"] == []
+
+
+@pytest.mark.filterwarnings("ignore:no licence found")
+def test_kill_between_blob_write_and_commit(home, tiny_models, tmp_path):
+    """Deterministic, with no hook in folklm: this test holds the catalogue's write lock
+    (``BEGIN IMMEDIATE``, as any other writer would), so the import stores its blobs (that
+    needs no lock) and then waits for the lock at its commit. Once every blob of the model
+    is on disk and the process is still alive, it is killed there."""
+    _, base = tiny_models("llama")
+    script = tmp_path / "importer.py"
+    script.write_text(IMPORTER)
+    first = start(script, variant(base, tmp_path / "first", 1), "first")
+    assert first.wait(timeout=60) == 0, first.stderr.read()  # creates the catalogue
+    folder = variant(base, tmp_path / "victim", 2)
+    wanted = {sha256_file(p)[0] for p in folder.iterdir()}
+    store = Store()
+    new = {sha for sha in wanted if not store.blob_path(sha).exists()}
+    assert new, "the victim must write at least one new blob"
+    with store, store.write():  # the write lock, held while the import runs
+        proc = start(script, folder, "victim")
+        deadline = time.monotonic() + 60
+        while not all(store.blob_path(sha).exists() for sha in new):
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "the import never wrote its blobs"
+            time.sleep(0.005)
+        time.sleep(0.3)
+        assert proc.poll() is None, "the import must be waiting for the lock at its commit"
+        proc.kill()
+        proc.wait(timeout=60)
+        proc.stdout.close()
+        proc.stderr.close()
+    # Nothing half-registered: the blobs are there, no entry references them.
+    report = api.verify()
+    assert report["problems"] == [] and report["catalogue"] == "ok", report
+    assert report["unreferenced"] == len(new), report
+    assert [r["name"] for r in api.list_models()] == ["first:latest"]
+    listed = json.loads(folk("ls", "--json").stdout)
+    assert [row["name"] for row in listed] == ["first:latest"]
+    # A retry succeeds and reuses the blobs the killed import left.
+    retry = start(script, folder, "victim")
+    assert retry.wait(timeout=60) == 0, retry.stderr.read()
+    entry = api.show("victim")
+    assert {f["path"]: f["sha256"] for f in entry.files} == {
+        p.name: sha256_file(p)[0] for p in folder.iterdir()
+    }
+    report = api.verify()
+    assert report["problems"] == [] and report["unreferenced"] == 0, report
+    assert folk("verify").returncode == 0

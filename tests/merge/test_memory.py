@@ -12,9 +12,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 from mergetest import write_random_llama
 
 
+@pytest.mark.slow  # three large random models written and merged in a subprocess
 def test_three_model_ties_merge_peaks_below_one_and_a_half_models(tmp_path):
     sizes = [write_random_llama(tmp_path / f"m{i}", layers=6, seed=i) for i in range(3)]
     recipe = tmp_path / "ties.yaml"

@@ -69,6 +69,7 @@ def test_quantize_writes_an_entry_that_loads_without_requantizing(tiny_entry, sc
     assert lineage["parents"][0]["name"] == tiny_entry
 
 
+@pytest.mark.slow  # one folk subprocess per bad input
 def test_quantize_bad_input(tiny_entry, tmp_path):
     before = _names()
     cases = [
@@ -142,6 +143,49 @@ def test_int8_entry_exports_as_q8_0_exactly(bpe_models, tmp_path):
     expected = q.qweight.float() * q.scales.to(torch.float16).float()[:, None]
     got = read_gguf(path).tensors["model.layers.0.self_attn.v_proj.weight"]
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_int4_g32_entry_exports_as_q4_1_without_re_rounding(bpe_models, tmp_path):
+    """int4-g32 -> Q4_1 (``folk export --format gguf``, dtype auto): every quantized linear
+    is a Q4_1 tensor that the gguf package decodes to our dequantized weights within the f16
+    rounding of d and m (``2**-11 * (15 |d| + |m|)`` per block; see gguf_encode)."""
+    import folklm
+    from folklm.checkpoint.gguf_writer import permute_rope
+
+    folder = bpe_models("llama")
+    _json(folk("import", str(folder), "--name", "tinybpe:base", "--json"))
+    _json(folk("quantize", "tinybpe:base", "--scheme", "int4-g32", "--out", "tinyq:e4", "--json"))
+    path = _json(folk("export", "tinyq:e4", str(tmp_path), "--format", "gguf", "--json"))["path"]
+    reader = gguf.GGUFReader(path)
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_v.weight"] == "Q4_1" and types["blk.1.ffn_down.weight"] == "Q4_1"
+    assert types["token_embd.weight"] == "Q8_0"  # embeddings are not int4 in the entry
+    assert int(reader.fields["general.file_type"].parts[-1][0]) == gguf.LlamaFileType.MOSTLY_Q4_1
+    model = folklm.load("tinyq:e4", fast=False, dtype="float32").model
+    checked = 0
+    for t in reader.tensors:
+        if t.tensor_type != gguf.GGMLQuantizationType.Q4_1:
+            continue
+        b, part = t.name.split(".")[1], t.name.split(".")[2]
+        hf = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj"}
+        hf |= {"attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj"}
+        hf |= {"ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+        layer = model.get_submodule(f"model.layers.{b}.{hf[part]}")
+        ours = layer.dequantize(torch.float64)
+        s = layer.scales.double().repeat_interleave(32, 1)  # (N, K): each weight's scale
+        if part in ("attn_q", "attn_k"):  # llama.cpp's rope row order
+            heads = model.config.num_attention_heads
+            if part == "attn_k":
+                heads = model.config.num_key_value_heads
+            ours, s = permute_rope(ours, heads), permute_rope(s, heads)
+        back = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type)).double()
+        back = back.reshape(ours.shape)
+        s = s.reshape(-1, 32)
+        m = ours.reshape(-1, 32).amin(1, keepdim=True)
+        bound = (2**-11 + 2**-23) * (15 * s.abs() + m.abs()) + 2**-21
+        assert bool(((back - ours).reshape(-1, 32).abs() <= bound).all()), t.name
+        checked += 1
+    assert checked == 7 * model.config.num_hidden_layers
 
 
 def test_perplexity_json_matches_the_library(tiny_models, tmp_path):

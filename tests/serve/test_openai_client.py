@@ -1,8 +1,9 @@
 """The official ``openai`` client against ``folk serve`` of the bundled model, in-process.
 
 Responses parse in the client's own pydantic models; numbers are checked against
-independent computations (a full forward pass for logprobs, ``jsonschema`` for structured
-output, ``folklm.generate`` for greedy text).
+independent computations (transformers' own load of the same GGUF for every generated
+token's logprobs and for the embeddings, ``jsonschema`` for structured output,
+``folklm.generate`` for greedy text).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import pytest
 import torch
 from pydantic import BaseModel, Field
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+# the real default model behind a server, and transformers' load of it: slow
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.slow]
 
 MODEL = "smollm2"
 
@@ -109,26 +111,42 @@ def test_n_choices_and_seed(client):
     assert len({c.message.content for c in a.choices}) > 1  # choices sample independently
 
 
-def test_chat_logprobs_are_the_model_distribution(client, default_server):
+def test_chat_logprobs_are_the_model_distribution(client, default_server, hf_default):
+    """Every generated token's logprob and top-3 against transformers' own load of the same
+    GGUF: one full forward pass (no cache, no batching), log_softmax in float64."""
     messages = [{"role": "user", "content": "Hello!"}]
+    n = 8
     r = client.chat.completions.create(
-        model=MODEL, messages=messages, max_tokens=5, temperature=0, logprobs=True, top_logprobs=3
+        model=MODEL, messages=messages, max_tokens=n, temperature=0, logprobs=True, top_logprobs=3
     )
     content = r.choices[0].logprobs.content
-    assert len(content) == r.usage.completion_tokens
-    llm = default_server.engine().llm
-    ids = llm.tokenizer.encode_chat(messages)
-    gen = []
-    for item in content:
-        assert len(item.top_logprobs) == 3
-        assert item.top_logprobs[0].logprob >= item.top_logprobs[1].logprob
-        assert item.logprob == pytest.approx(item.top_logprobs[0].logprob)  # greedy
-        gen.append(bytes(item.bytes))
-    with torch.no_grad():  # reference: one full forward pass, no cache, no batching
-        full = torch.tensor([ids + llm.tokenizer.encode(b"".join(gen).decode(), False)])
-        lp = llm.model(full)[0].log_softmax(-1)
-    first = lp[len(ids) - 1]
-    assert content[0].logprob == pytest.approx(float(first.max()), abs=1e-4)
+    assert len(content) == r.usage.completion_tokens == n
+    hf, tok = hf_default
+    ids = default_server.engine().llm.tokenizer.encode_chat(messages)
+    with torch.no_grad():  # transformers' greedy tokens, then one pass over all of them
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, top_p=None)
+        gen = out[0, len(ids) :].tolist()
+        lp = hf(out).logits[0].double().log_softmax(-1)  # (T, V) float64
+    assert len(gen) == n
+
+    def token_bytes(t: int) -> bytes:  # the server shows special tokens as no bytes
+        if t in tok.all_special_ids:
+            return b""
+        return tok.convert_tokens_to_string([tok.convert_ids_to_tokens(t)]).encode()
+
+    worst = 0.0
+    for i, (item, token) in enumerate(zip(content, gen, strict=True)):
+        row = lp[len(ids) - 1 + i]
+        assert bytes(item.bytes) == token_bytes(token), i
+        worst = max(worst, abs(item.logprob - float(row[token])))
+        top = row.topk(3)
+        assert [bytes(t.bytes) for t in item.top_logprobs] == [
+            token_bytes(t) for t in top.indices.tolist()
+        ], i
+        for got, want in zip(item.top_logprobs, top.values.tolist(), strict=True):
+            worst = max(worst, abs(got.logprob - want))
+    print(f"largest logprob difference from transformers (float64 log_softmax): {worst:.2e}")
+    assert worst < 1e-4
 
 
 class Person(BaseModel):
@@ -189,14 +207,29 @@ def test_completions_text_prompts_and_stop(client):
     assert all("," not in c.text and c.finish_reason == "stop" for c in r.choices)
 
 
-def test_embeddings(client):
-    r = client.embeddings.create(model=MODEL, input=["a cat", "a kitten", "tax law"])
-    v = torch.tensor([d.embedding for d in r.data])
-    assert v.shape == (3, 576)
-    assert torch.allclose(v.norm(dim=1), torch.ones(3), atol=1e-5)
+def test_embeddings(client, hf_default):
+    """Each vector against transformers on the same model: the final (normed) hidden states
+    of its own tokenization, mean-pooled over the tokens, L2-normalised, in float64."""
+    texts = ["a cat", "a kitten", "tax law", "The quick brown fox jumps over the lazy dog."]
+    r = client.embeddings.create(model=MODEL, input=texts)
+    v = torch.tensor([d.embedding for d in r.data], dtype=torch.float64)
+    hf, tok = hf_default
+    assert v.shape == (len(texts), hf.config.hidden_size)
+    worst = 0.0
+    for text, got in zip(texts, v, strict=True):
+        ids = tok(text, return_tensors="pt").input_ids
+        with torch.no_grad():
+            h = hf.model(ids).last_hidden_state[0].double().mean(dim=0)
+        want = h / h.norm()
+        worst = max(worst, float((got - want).abs().max()))
+    print(f"largest embedding difference from transformers: {worst:.2e}")
+    assert worst < 1e-5
+    sims = v @ v.T  # a sanity check of meaning, not of numbers: cat is nearer kitten
+    assert sims[0, 1] > sims[0, 2]
+    assert r.usage.prompt_tokens == sum(len(tok(t).input_ids) for t in texts)
     b64 = client.embeddings.create(model=MODEL, input="a cat", encoding_format="base64")
     raw = base64.b64decode(b64.data[0].embedding)  # asked for explicitly: left encoded
-    assert torch.allclose(torch.tensor(np.frombuffer(raw, dtype="<f4").copy()), v[0], atol=1e-6)
+    assert torch.allclose(torch.tensor(np.frombuffer(raw, dtype="<f4").copy()).double(), v[0])
 
 
 def test_errors_are_openai_shaped(client, default_server):

@@ -16,9 +16,12 @@ import pytest
 
 CHROMEDRIVER = shutil.which("chromedriver")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(
-    not (CHROMEDRIVER and CHROMIUM), reason="needs chromium + chromium-driver (see .ci/run)"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not (CHROMEDRIVER and CHROMIUM), reason="needs chromium + chromium-driver (see .ci/run)"
+    ),
+    pytest.mark.slow,  # the real default model and a headless browser
+]
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,9 @@ BAD = [
     (None, None, ["lora_rank=0"], "lora_rank=0 must be > 0"),
     (None, None, ["lora_rank=-3"], "lora_rank=-3 must be > 0"),
     (None, None, ["max_steps=ten"], "max_steps must be int, got 'ten'"),
+    # one process: refused, not silently trained without FSDP
+    (None, None, ["method=full", "parallel=fsdp"],
+     "parallel='fsdp' is not supported: PyTorch's FSDP needs a GPU"),
 ]  # fmt: skip
 
 

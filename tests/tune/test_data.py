@@ -76,6 +76,7 @@ def test_formats_detected(smol_tok, tmp_path):
     assert ds.examples[0].labels == ds.examples[0].input_ids
 
 
+@pytest.mark.slow  # the real tokenizer over the HH-RLHF test file
 def test_hh_rlhf_pairs(smol_tok):
     records = read_records(HH)
     assert len(records) == 2312 and detect_format(HH, records) == "hh-rlhf"

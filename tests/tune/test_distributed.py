@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from .conftest import ROOT, SHAREGPT, folk
@@ -27,6 +28,7 @@ def _torchrun(*args: str) -> list[str]:
             *args]  # fmt: skip
 
 
+@pytest.mark.slow  # two torchrun worlds (1 and 2 processes)
 def test_ddp_gradients_equal_single_process(tiny_chat, tmp_path):
     common = [str(tiny_chat), str(SHAREGPT)]
     _run(
@@ -62,6 +64,7 @@ def test_ddp_gradients_equal_single_process(tiny_chat, tmp_path):
         torch.testing.assert_close(acc[k], one[k], atol=1e-6, rtol=1e-4, msg=k)
 
 
+@pytest.mark.slow  # folk tune under torchrun, 2 processes
 def test_cli_runs_under_torchrun(tiny_chat, home):
     cmd = _torchrun("-m", "folklm.cli.main", "tune", str(tiny_chat), "--data", str(SHAREGPT),
                     "--out", "ddp:v1", "--json", "max_steps=3", "max_seq_len=96",

@@ -70,6 +70,7 @@ def test_dpo_loss_matches_float64_reference(tiny_models, tmp_path):
     assert margins.abs().min() > 1e-2  # the adapter makes a difference
 
 
+@pytest.mark.slow  # a folk tune DPO run
 def test_dpo_run_raises_heldout_margin(tiny_chat, home, tmp_path):
     subset = tmp_path / "hh.jsonl"
     with gzip.open(HH, "rt") as f:
@@ -90,6 +91,7 @@ def test_dpo_run_raises_heldout_margin(tiny_chat, home, tmp_path):
     assert show["operation"] == "dpo" and show["recipe"]["dpo_beta"] == 0.5
 
 
+@pytest.mark.slow  # a DPO training run
 def test_dpo_training_raises_the_margin_of_its_pairs(tiny_chat, tmp_path):
     """The optimisation itself: training on 8 HH-RLHF pairs raises their margin."""
     from folklm.tune.data import build_dataset

@@ -69,6 +69,7 @@ def _run_dir(home, out):
     return home / "runs" / f"{name}-{tag}"
 
 
+@pytest.mark.slow  # three training runs in subprocesses
 def test_kill_and_resume_gives_same_weights(tiny_chat, home, monkeypatch):
     # MKL's default results may depend on the memory alignment of its inputs, which differs
     # between processes; its conditional-numerical-reproducibility mode makes the three runs
@@ -117,6 +118,7 @@ def test_kill_and_resume_gives_same_weights(tiny_chat, home, monkeypatch):
     assert loss("whole:v1") == loss("cut:v1") and len(loss("cut:v1")) == 30
 
 
+@pytest.mark.slow  # a real training run per method
 @pytest.mark.parametrize("method", ["lora", "dora", "qlora", "full"])
 def test_methods_learn_and_register(tiny_chat, home, method):
     out = f"tiny-{method}:v1"
@@ -159,3 +161,49 @@ def test_methods_learn_and_register(tiny_chat, home, method):
         a = folklm.load(out, fast=False, dtype="float32").model(ids)
         b = folklm.load("tiny-lora-merged:v1", fast=False, dtype="float32").model(ids)
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def _grads_and_saved(model, ids: torch.Tensor) -> tuple[dict, int, int]:
+    """Full-model gradients of the next-token loss, the bytes autograd saved for backward,
+    and how many times the decoder layers' MLPs started (forward + any recomputation; a
+    recomputation stops early once it has what backward needs, so pre-hooks count it)."""
+    runs = [0]
+
+    def count(*_):
+        runs[0] += 1
+
+    hooks = [layer.mlp.register_forward_pre_hook(count) for layer in model.model.layers]
+    saved = [0]
+
+    def pack(t):
+        saved[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits = model(ids[:, :-1])
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+    loss.backward()
+    for h in hooks:
+        h.remove()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return grads, saved[0], runs[0]
+
+
+def test_activation_checkpointing_same_gradients_less_saved(tiny_chat):
+    """Checkpointed layers (plain nn.Linear, as ``folk tune`` loads the base) give the
+    gradients of the plain model (within 1e-6), keep fewer
+    activations for the backward pass, and run each layer's forward a second time."""
+    from folklm.tune.trainer import enable_activation_checkpointing
+
+    ids = torch.randint(0, 300, (2, 48), generator=torch.Generator().manual_seed(3))
+    plain = folklm.load(tiny_chat, dtype="float32", fast=False).model.train()
+    checked = folklm.load(tiny_chat, dtype="float32", fast=False).model.train()
+    enable_activation_checkpointing(checked)
+    g0, saved0, runs0 = _grads_and_saved(plain, ids)
+    g1, saved1, runs1 = _grads_and_saved(checked, ids)
+    layers = len(plain.model.layers)
+    assert runs0 == layers and runs1 == 2 * layers  # recomputed in the backward pass
+    assert saved1 < saved0 / 2, (saved1, saved0)
+    assert g0.keys() == g1.keys() and len(g0) == len(list(plain.parameters()))
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], atol=1e-6, rtol=1e-6, msg=name)

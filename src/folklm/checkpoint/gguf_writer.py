@@ -40,7 +40,7 @@ from gguf import GGMLQuantizationType, GGUFValueType, LlamaFileType
 
 from folklm.checkpoint.gguf import _EXPERT_NAMES, _GLOBAL_NAMES, _LAYER_NAMES
 from folklm.checkpoint.gguf_config import _llama3_rope_factors
-from folklm.checkpoint.gguf_encode import Encoded, quantize_q4_0, quantize_q8_0
+from folklm.checkpoint.gguf_encode import Encoded, quantize_q4_0, quantize_q4_1, quantize_q8_0
 from folklm.checkpoint.gguf_reader import GGUFFileError, open_gguf, read_metadata
 from folklm.checkpoint.gguf_tokenizer import (
     BYTE,
@@ -70,9 +70,10 @@ _DTYPES = {
 _QUANT = {
     "q8_0": (GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0, quantize_q8_0),
     "q4_0": (GGMLQuantizationType.Q4_0, LlamaFileType.MOSTLY_Q4_0, quantize_q4_0),
+    "q4_1": (GGMLQuantizationType.Q4_1, LlamaFileType.MOSTLY_Q4_1, quantize_q4_1),
 }
 _FILE_TYPES = {q: ft for q, ft in _DTYPES.values()} | {q: ft for q, ft, _ in _QUANT.values()}
-# Embeddings and the output matrix stay at 8 bits in a Q4_0 file (llama.cpp keeps them at
+# Embeddings and the output matrix stay at 8 bits in a Q4_0/Q4_1 file (llama.cpp keeps them at
 # Q6_K, which folklm does not encode).
 _HIGH_PRECISION = {"token_embd.weight", "output.weight"}
 _FROM_TORCH = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
@@ -218,8 +219,9 @@ def write_gguf(
         tokenizer: a :class:`folklm.tokenizer.Tokenizer`.
         generation_config: ``bos_token_id``/``eos_token_id`` (a list: eos, eot, eom).
         dtype: ``auto`` (each tensor's own float type), ``f32``, ``f16``, ``bf16``, or the
-            block types ``q8_0`` / ``q4_0`` (llama.cpp's reference encoders; embeddings and
-            output at Q8_0). A tensor may also be given already encoded (``Encoded``).
+            block types ``q8_0`` / ``q4_0`` / ``q4_1`` (llama.cpp's reference encoders;
+            embeddings and output at Q8_0). A tensor may also be given already encoded
+            (``Encoded``).
         metadata: extra keys, e.g. ``{"general.license": "apache-2.0"}``; str, int, float,
             bool, or lists of one of them.
 
@@ -229,7 +231,7 @@ def write_gguf(
     """
     if dtype != "auto" and dtype not in _DTYPES and dtype not in _QUANT:
         raise CheckpointError(
-            f"unknown GGUF dtype {dtype!r}; expected auto, f32, f16, bf16, q8_0 or q4_0"
+            f"unknown GGUF dtype {dtype!r}; expected auto, f32, f16, bf16, q8_0, q4_0 or q4_1"
         )
     arch = _gguf_arch(config)
     path = Path(path)

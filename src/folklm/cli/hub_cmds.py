@@ -355,11 +355,11 @@ def lineage_cmd(name: str, as_json: bool) -> None:
 )
 @click.option(
     "--dtype",
-    type=click.Choice(["auto", "f32", "f16", "bf16", "q8_0", "q4_0"]),
+    type=click.Choice(["auto", "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"]),
     default="auto",
     show_default=True,
-    help="Tensor type when converting (q8_0/q4_0: GGUF only; auto for a quantized entry: "
-    "q8_0 for int8, q4_0 for 4-bit schemes).",
+    help="Tensor type when converting (q8_0/q4_0/q4_1: GGUF only; auto for a quantized "
+    "entry: q8_0 for int8 and q4_1 for int4/GPTQ, both without re-rounding; q4_0 for nf4).",
 )
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
@@ -372,9 +372,9 @@ def export_cmd(
     # lazy: imports torch; `folk --help` and the hub commands start without it
     from folklm.export import export_report
 
-    dtypes = {k: k for k in ("auto", "f32", "f16", "bf16", "q8_0", "q4_0")}
+    dtypes = {k: k for k in ("auto", "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1")}
     if fmt == "hf":
-        if dtype in ("q8_0", "q4_0"):
+        if dtype in ("q8_0", "q4_0", "q4_1"):
             raise FolkError(f"--dtype {dtype} is a GGUF block type: use it with --format gguf")
         dtypes = {"auto": "auto", "f32": "float32", "f16": "float16", "bf16": "bfloat16"}
     report = export_report(name, out, fmt, dtype=dtypes[dtype], force=force, store=store)

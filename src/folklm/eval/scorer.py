@@ -172,7 +172,8 @@ class Scorer:
         T = max(len(pairs[i][1]) for _, i in rows) - 1  # continuation tokens fed in phase 2
         R = len(rows)
         row_g = torch.tensor([g for g, _ in rows])
-        later = None
+        later: torch.Tensor | None = None
+        starts = torch.zeros(0, dtype=torch.long)
         if T > 0:
             # phase 2: every continuation from a copy of its context's cached prefix
             big = cache.fork(row_g, L + T)
@@ -181,14 +182,21 @@ class Scorer:
                 cont = pairs[i][1][:-1]
                 if cont:
                     x[r, : len(cont)] = torch.tensor(cont)
-            later = torch.log_softmax(self.model(x, big), dim=-1)  # (R, T, V)
+            # the LM head and softmax only where a continuation token is predicted: rows
+            # are padded to the longest continuation, often twice the others
+            lengths = torch.tensor([len(pairs[i][1]) - 1 for _, i in rows])  # (R,)
+            valid = torch.arange(T)[None, :] < lengths[:, None]  # (R, T)
+            h = self.model.hidden_states(x, big)[valid]  # (n valid, C)
+            later = torch.log_softmax(self.model.lm_head(h).float(), dim=-1)  # (n valid, V)
+            starts = torch.cumsum(lengths, 0) - lengths  # row r's first row in ``later``
         for r, (g, i) in enumerate(rows):
             cont = pairs[i][1]
             target = torch.tensor(cont)
             lp = [first[g]]
             if len(cont) > 1:
                 assert later is not None  # T > 0: phase 2 ran
-                lp.append(later[r, : len(cont) - 1])
+                start = int(starts[r])
+                lp.append(later[start : start + len(cont) - 1])
             logp = torch.cat([t.reshape(-1, first.shape[-1]) for t in lp])  # (len(cont), V)
             ll = logp.gather(1, target[:, None]).sum().item()
             greedy = bool((logp.argmax(-1) == target).all())

@@ -85,8 +85,9 @@ def export(
             ``gguf`` a ``.gguf`` file path or a folder to put ``<name>.gguf`` in.
         format: ``hf`` or ``gguf``.
         dtype: GGUF tensor type for Hugging Face entries: ``auto`` (as stored; Q8_0 for an
-            int8 entry, Q4_0 for an int4/NF4/GPTQ one), ``f32``, ``f16``, ``bf16``, ``q8_0``,
-            ``q4_0``; for ``hf`` from a GGUF entry ``auto`` means float32.
+            int8 entry and Q4_1 for an int4/GPTQ one, both without re-rounding, Q4_0 for
+            NF4), ``f32``, ``f16``, ``bf16``, ``q8_0``, ``q4_0``, ``q4_1``; for ``hf`` from
+            a GGUF entry ``auto`` means float32.
         force: overwrite an existing GGUF file or non-empty folder.
         store: for ``ollama``, an Ollama store folder to write into instead of ``out``.
 
@@ -219,7 +220,7 @@ def _export_gguf(
     config = read_config(src)
     scheme = config.extra.get("quantization_config")
     tensors: Mapping[str, torch.Tensor | Encoded]
-    if isinstance(scheme, dict):  # a folklm-quantized entry: Q8_0 / Q4_0 blocks
+    if isinstance(scheme, dict):  # a folklm-quantized entry: Q8_0 / Q4_1 / Q4_0 blocks
         if dtype == "auto":
             dtype = default_gguf_type(str(scheme.get("scheme")))
         model = load(src, dtype="float32", fast=False).model

@@ -1,4 +1,4 @@
-"""Data-parallel training under ``torchrun``: DDP (and FSDP for full fine-tunes).
+"""Data-parallel training under ``torchrun``: DDP.
 
 ``torchrun --nproc-per-node N -m folklm.cli.main tune ...`` starts N processes with
 ``RANK``/``WORLD_SIZE``/``MASTER_ADDR`` set; each joins one process group, holds a full
@@ -8,8 +8,8 @@ Without those variables everything here is a no-op (world size 1).
 
 The trainer keeps tensors on the CPU, so the backend is gloo. PyTorch's FSDP (Zhao et al.,
 2023, arXiv:2304.11277) refuses to run without an accelerator ("FSDP needs a non-CPU
-accelerator device"), so ``parallel=fsdp`` is refused on a CPU-only machine with that
-reason rather than silently falling back.
+accelerator device"), so ``parallel=fsdp`` is refused with that reason when the recipe is
+validated (in one process as under torchrun) rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -47,16 +47,11 @@ def context() -> Context:
 
 
 def wrap(module: nn.Module, recipe, ctx: Context) -> nn.Module:
-    """DDP (or FSDP when ``recipe.parallel == "fsdp"`` for a full fine-tune) around
-    ``module``; the module itself when not distributed."""
+    """DDP around ``module``; the module itself when not distributed."""
+    if recipe.parallel != "ddp":  # Recipe.validate refuses anything else first
+        raise FolkError(f"parallel={recipe.parallel!r}: only ddp is supported")
     if not ctx.active:
         return module
-    if recipe.parallel == "fsdp":
-        raise FolkError(
-            "parallel=fsdp: PyTorch's FSDP needs a GPU and folklm trains on the CPU; "
-            "use parallel=ddp"
-        )
-
     return DDP(module)
 
 

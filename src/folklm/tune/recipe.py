@@ -63,7 +63,7 @@ class Recipe:
     log_every: int = 1
     # DPO (Rafailov et al., 2023, arXiv:2305.18290)
     dpo_beta: float = 0.1
-    # distributed: data-parallel wrapper under torchrun (ddp, or fsdp for full fine-tunes)
+    # distributed: data-parallel wrapper under torchrun (ddp; fsdp is refused, see validate)
     parallel: str = "ddp"
 
     def validate(self) -> Recipe:
@@ -74,8 +74,14 @@ class Recipe:
             raise bad("method", f"is not one of: {', '.join(METHODS)}")
         if self.schedule not in SCHEDULES:
             raise bad("schedule", f"is not one of: {', '.join(SCHEDULES)}")
-        if self.parallel not in ("ddp", "fsdp"):
-            raise bad("parallel", "is not one of: ddp, fsdp")
+        if self.parallel == "fsdp":  # refused in one process too: never silently ignored
+            raise bad(
+                "parallel",
+                "is not supported: PyTorch's FSDP needs a GPU and folklm trains on the CPU; "
+                "use parallel=ddp (under torchrun)",
+            )
+        if self.parallel != "ddp":
+            raise bad("parallel", "is not one of: ddp")
         for key in ("lora_rank", "max_seq_len", "max_steps", "batch_size", "grad_accum"):
             if getattr(self, key) <= 0:
                 raise bad(key, "must be > 0")
