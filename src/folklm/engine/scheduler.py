@@ -15,10 +15,18 @@ tensors and calls the model over the slot cache; the ``OutputProcessor``
 
 The queue in front is bounded: ``submit`` raises ``QueueFull`` when it is full (the
 server answers 429 with ``Retry-After``).
+
+Failure isolation: a fault in one sequence's own work -- its constraint, its sampler, its
+detokenizer -- finishes that request alone with ``finish_reason: "error"``; every other
+sequence of the step goes on with the same logits, so its tokens are those it would have
+had alone. Only a failure of the shared model call fails the whole batch. The event's
+``error`` is what a client may see: a ``FolkError``'s message (bad input, a limit), else a
+generic sentence; the detail (exception type, traceback) goes to the ``folklm.engine`` log.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -37,6 +45,17 @@ from folklm.models.llama import CausalLM
 
 if TYPE_CHECKING:  # pragma: no cover
     from folklm.engine.llm import LLM
+
+log = logging.getLogger("folklm.engine")
+
+
+def client_error(exc: BaseException, req: Request) -> str:
+    """What a client may read about ``exc`` (no paths, no exception types); logs the rest."""
+    if isinstance(exc, FolkError):
+        log.info("request %d failed: %s", req.id, exc)
+        return str(exc)
+    log.error("request %d failed", req.id, exc_info=exc)
+    return f"generation failed (request {req.id}): an internal error, see the server log"
 
 
 @dataclass
@@ -324,7 +343,7 @@ class Engine:
                         self._decode_step()
             except Exception as exc:  # noqa: BLE001 - fail the batch, keep the server up
                 for seq in list(self.running):
-                    self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
+                    self._finish(seq, "error", error=client_error(exc, seq.req))
         for seq in list(self.running):
             self._finish(seq, "error", error="server shutting down")
 
@@ -350,9 +369,9 @@ class Engine:
             reason = self.output.emit(seq, logits)
         except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
             if seq is not None and seq in self.running:
-                return self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
+                return self._finish(seq, "error", error=client_error(exc, req))
             self.scheduler.abort(adm)
-            req.sink({"type": "finish", "finish_reason": "error", "error": str(exc)})
+            req.sink({"type": "finish", "finish_reason": "error", "error": client_error(exc, req)})
             return
         if reason is not None:
             self._finish(seq, reason)
@@ -369,7 +388,11 @@ class Engine:
             o("batch_size", float(len(seqs)))
         for s in seqs:
             self.cache.tokens[s.slot].append(s.next_token)
-            reason = self.output.emit(s, logits[s.slot : s.slot + 1])
+            try:  # this sequence's own work: constraint, sampler, text
+                reason = self.output.emit(s, logits[s.slot : s.slot + 1])
+            except Exception as exc:  # noqa: BLE001 - fails this request alone
+                reason = None
+                self._finish(s, "error", error=client_error(exc, s.req))
             if reason is not None:
                 self._finish(s, reason)
 
