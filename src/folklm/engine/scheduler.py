@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from folklm.engine.constrained import GrammarCache, GrammarTokenizer
 from folklm.engine.multilora import MultiLoRA
 from folklm.engine.output import OutputProcessor, Sequence, prompt_logprobs
 from folklm.engine.request import QueueFull, Request
@@ -239,6 +240,8 @@ class Engine:
             self.tokenizer, self.eos, self.vocab, self.stats, self.observers
         )
         self.lora = lora
+        self._grammars: GrammarCache | None = None
+        self._grammars_lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="folk-engine", daemon=True)
         self._thread.start()
 
@@ -256,6 +259,15 @@ class Engine:
                 f"{n_prompt + max_tokens} tokens exceed the server's KV cache budget of "
                 f"{self.cache.budget_bytes // self.cache.bytes_per_token} tokens"
             )
+
+    def grammars(self) -> GrammarCache:
+        """The compiled-grammar cache of constrained decoding (built at first use, ~0.5 s:
+        call it off the event loop)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                eos = sorted(self.eos)
+                self._grammars = GrammarCache(GrammarTokenizer(self.tokenizer, self.vocab, eos))
+            return self._grammars
 
     def submit(self, req: Request) -> Request:
         self.check_length(len(req.prompt), req.max_tokens)
