@@ -60,6 +60,15 @@ def client_error(exc: BaseException, req: Request) -> str:
 
 
 @dataclass
+class Job:
+    """Work for the engine thread between decode steps (``Engine.call``)."""
+
+    fn: Callable[[], Any]
+    done: Callable[[Any, BaseException | None], None]
+    tokens: int = 0
+
+
+@dataclass
 class Admission:
     """A request the scheduler admitted: its slot, cached prefix length and adapter index."""
 
@@ -218,8 +227,8 @@ class Engine:
         self.cache = SlotCache(llm.config, max_batch, self.max_len, llm.dtype, kv_budget_bytes)
         self.keep_prefixes = keep_prefixes
         self.vocab = llm.config.vocab_size
-        self.jobs: deque[tuple[Callable[[], Any], Callable[[Any, BaseException | None], None]]]
-        self.jobs = deque()
+        self.jobs: deque[Job] = deque()
+        self.max_prefill_tokens = max_prefill_tokens
         self._cv = threading.Condition()
         self._stop = False
         self.stats: dict[str, float] = {
@@ -283,10 +292,20 @@ class Engine:
         with self._cv:
             self._cv.notify()
 
-    def call(self, fn: Callable[[], Any], done: Callable[[Any, BaseException | None], None]):
-        """Run ``fn`` on the engine thread between steps (embeddings, adapter loads)."""
+    def call(
+        self,
+        fn: Callable[[], Any],
+        done: Callable[[Any, BaseException | None], None],
+        tokens: int = 0,
+    ):
+        """Run ``fn`` on the engine thread between steps (embeddings, adapter loads).
+
+        ``tokens`` is what the job feeds the model: jobs share the prefill budget
+        (``max_prefill_tokens`` between two decode steps, at least one job), so a burst of
+        them -- an embeddings request of many long inputs -- cannot stall the running
+        streams for longer than a prefill would."""
         with self._cv:
-            self.jobs.append((fn, done))
+            self.jobs.append(Job(fn, done, tokens))
             self._cv.notify()
 
     def shutdown(self) -> None:
@@ -339,13 +358,17 @@ class Engine:
                     self._cv.wait(timeout=1.0)
                 if self._stop:
                     break
-                jobs, self.jobs = list(self.jobs), deque()
-            for fn, done in jobs:
+                jobs: list[Job] = []
+                budget = self.max_prefill_tokens
+                while self.jobs and (not jobs or self.jobs[0].tokens <= budget):
+                    jobs.append(self.jobs.popleft())
+                    budget -= jobs[-1].tokens
+            for job in jobs:
                 try:
-                    result, error = fn(), None
+                    result, error = job.fn(), None
                 except BaseException as exc:  # noqa: BLE001 - handed to the caller
                     result, error = None, exc
-                done(result, error)
+                job.done(result, error)
             try:
                 with torch.inference_mode():
                     self.scheduler.drop_cancelled()

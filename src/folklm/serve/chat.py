@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.requests import Request as HTTPRequest
 
 from folklm.engine.constrained import GrammarConstraint
 from folklm.engine.grammar import check_schema
@@ -85,8 +86,7 @@ async def constraint_for(served: ServedModel, fmt: ResponseFormat | None) -> Any
         )
     except TimeoutError:
         raise FolkError(
-            f"{where}: compiling the grammar took longer than the limit of "
-            f"{COMPILE_TIMEOUT_S:g} s"
+            f"{where}: compiling the grammar took longer than the limit of {COMPILE_TIMEOUT_S:g} s"
         ) from None
     except FolkError as exc:
         message = str(exc).removeprefix("schema: ").removeprefix("regex: ")
@@ -123,7 +123,12 @@ def sse(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def create(body: ChatCompletionRequest, served: ServedModel, table: TokenText):
+async def create(
+    body: ChatCompletionRequest,
+    served: ServedModel,
+    table: TokenText,
+    request: HTTPRequest | None = None,
+):
     engine = served.engine
     messages = [
         {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
@@ -151,7 +156,7 @@ async def create(body: ChatCompletionRequest, served: ServedModel, table: TokenT
     lps: list[list[dict]] = [[] for _ in range(body.n)]
     finish: list[str | None] = [None] * body.n
     completion = 0
-    async for i, ev in sub.events():
+    async for i, ev in sub.events(watch=request):
         if ev["type"] == "token":
             texts[i] += ev["text"]
             if ev["logprobs"] is not None:

@@ -1,14 +1,17 @@
 """``POST /v1/embeddings``: one vector per input (``engine.embed``), OpenAI's list format.
 
 Runs on the engine thread between decode steps (``Engine.call``), so it never races a
-batch for the model. ``encoding_format: base64`` packs little-endian float32, as the
-OpenAI client expects; ``dimensions`` truncates and re-normalises (Matryoshka-style).
+batch for the model: one job per input, within the engine's prefill budget per step, so
+running streams keep flowing while a long embeddings request is served.
+``encoding_format: base64`` packs little-endian float32, as the OpenAI client expects;
+``dimensions`` truncates and re-normalises (Matryoshka-style).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 
 from fastapi.responses import JSONResponse
 
@@ -49,15 +52,24 @@ async def create(body: EmbeddingRequest, served: ServedModel) -> JSONResponse:
             f"dimensions={body.dimensions} exceeds the model's {engine.llm.config.hidden_size}"
         )
     loop = asyncio.get_running_loop()
-    future: asyncio.Future = loop.create_future()
+    futures: list[asyncio.Future] = []
+    for ids in inputs:
+        future: asyncio.Future = loop.create_future()
 
-    def done(result, error):
-        loop.call_soon_threadsafe(
-            future.set_exception if error else future.set_result, error or result
-        )
+        def done(result, error, future=future):
+            def settle():
+                if future.done():
+                    return
+                if error is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(result)
 
-    engine.call(lambda: [embed(engine.model, ids) for ids in inputs], done)
-    vectors = await future
+            loop.call_soon_threadsafe(settle)
+
+        engine.call(functools.partial(embed, engine.model, ids), done, tokens=len(ids))
+        futures.append(future)
+    vectors = await asyncio.gather(*futures)
     data = []
     for k, v in enumerate(vectors):
         if body.dimensions is not None:
