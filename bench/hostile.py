@@ -149,6 +149,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=20, help="normal requests per phase")
     ap.add_argument("--tokens", type=int, default=16, help="tokens per normal request")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    ap.add_argument("--only", default="", help="run only the attacks whose name has this text")
     args = ap.parse_args()
     llm = folklm.load(dtype="float32")
     app = build_app(ServeConfig(models=[llm], names=["m"], api_keys=[KEY]))
@@ -166,7 +167,8 @@ def main() -> None:
         quiet = measure(url, args.requests, args.tokens)
         if not args.json:
             print(header + "  attacker's codes", flush=True)
-        for name, attack in [("quiet", None), *attacks(url).items()]:
+        chosen = [(k, a) for k, a in attacks(url).items() if args.only in k]
+        for name, attack in [("quiet", None), *chosen]:
             r = quiet if attack is None else measure(url, args.requests, args.tokens, attack)
             r["p50_ratio"] = r["p50_s"] / quiet["p50_s"]
             r["p99_ratio"] = r["p99_s"] / quiet["p99_s"]

@@ -23,8 +23,10 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+import torch
 from serverutil import LiveServer
 
+from folklm.engine.embed import embed
 from folklm.serve.app import ServeConfig, build_app
 
 KEY = "sk-hostile"
@@ -219,8 +221,8 @@ def test_5_non_streaming_disconnect_cancels_and_choices_are_capped(server, victi
 
 
 def test_6_embeddings_share_the_engine(server, victim):
-    """8 x 500 tokens froze a stream for 21 s; now one input per job, within the budget
-    (this model's context is 256 tokens: 16 x 250)."""
+    """8 x 500 tokens froze a stream for 21 s; now chunks of 128 tokens, a few per decode
+    step (this model's context is 256 tokens: 16 x 250)."""
     inputs = [[5 + (i + k) % 300 for k in range(250)] for i in range(16)]
     r = httpx.post(
         server.url + "/v1/embeddings",
@@ -229,6 +231,9 @@ def test_6_embeddings_share_the_engine(server, victim):
         timeout=300,
     )
     assert r.status_code == 200 and len(r.json()["data"]) == 16
+    one_pass = embed(server.engine("tiny").model, inputs[3])  # chunks give the same vector
+    got = torch.tensor(r.json()["data"][3]["embedding"])
+    torch.testing.assert_close(got, one_pass, atol=2e-6, rtol=1e-5)
 
 
 def test_8_host_header_is_checked_on_loopback(server, victim):

@@ -300,10 +300,10 @@ class Engine:
     ):
         """Run ``fn`` on the engine thread between steps (embeddings, adapter loads).
 
-        ``tokens`` is what the job feeds the model: jobs share the prefill budget
-        (``max_prefill_tokens`` between two decode steps, at least one job), so a burst of
-        them -- an embeddings request of many long inputs -- cannot stall the running
-        streams for longer than a prefill would."""
+        ``tokens`` is what the job feeds the model. Between two decode steps the jobs run
+        within a budget -- ``max_prefill_tokens``, a quarter of it while sequences are
+        running, at least one job -- so a burst of them (an embeddings request of many
+        long inputs, in chunks) cannot stall the running streams."""
         with self._cv:
             self.jobs.append(Job(fn, done, tokens))
             self._cv.notify()
@@ -359,7 +359,7 @@ class Engine:
                 if self._stop:
                     break
                 jobs: list[Job] = []
-                budget = self.max_prefill_tokens
+                budget = self.max_prefill_tokens // (4 if self.running else 1)
                 while self.jobs and (not jobs or self.jobs[0].tokens <= budget):
                     jobs.append(self.jobs.popleft())
                     budget -= jobs[-1].tokens

@@ -1,8 +1,9 @@
 """``POST /v1/embeddings``: one vector per input (``engine.embed``), OpenAI's list format.
 
 Runs on the engine thread between decode steps (``Engine.call``), so it never races a
-batch for the model: one job per input, within the engine's prefill budget per step, so
-running streams keep flowing while a long embeddings request is served.
+batch for the model: one job per chunk of ``CHUNK`` tokens (``engine.embed.ChunkedEmbedding``)
+within the engine's job budget per step, so running streams keep flowing while a long
+embeddings request is served.
 ``encoding_format: base64`` packs little-endian float32, as the OpenAI client expects;
 ``dimensions`` truncates and re-normalises (Matryoshka-style).
 """
@@ -11,16 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import functools
 
 from fastapi.responses import JSONResponse
 
-from folklm.engine.embed import embed
+from folklm.engine.embed import ChunkedEmbedding
 from folklm.errors import FolkError
 from folklm.serve.protocol import EmbeddingRequest
 from folklm.serve.runner import ServedModel
 
 MAX_INPUTS = 256
+CHUNK = 128  # tokens per engine job
 
 
 async def create(body: EmbeddingRequest, served: ServedModel) -> JSONResponse:
@@ -55,10 +56,11 @@ async def create(body: EmbeddingRequest, served: ServedModel) -> JSONResponse:
     futures: list[asyncio.Future] = []
     for ids in inputs:
         future: asyncio.Future = loop.create_future()
+        state = ChunkedEmbedding(engine.model, ids, CHUNK)
 
         def done(result, error, future=future):
             def settle():
-                if future.done():
+                if future.done() or (result is None and error is None):
                     return
                 if error is not None:
                     future.set_exception(error)
@@ -67,7 +69,8 @@ async def create(body: EmbeddingRequest, served: ServedModel) -> JSONResponse:
 
             loop.call_soon_threadsafe(settle)
 
-        engine.call(functools.partial(embed, engine.model, ids), done, tokens=len(ids))
+        for start in range(0, len(ids), CHUNK):  # in order: the engine runs jobs FIFO
+            engine.call(state.step, done, tokens=min(CHUNK, len(ids) - start))
         futures.append(future)
     vectors = await asyncio.gather(*futures)
     data = []
