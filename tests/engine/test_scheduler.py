@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from folklm.engine.generate import generate
 from folklm.engine.scheduler import Engine, QueueFull, Request
@@ -198,3 +199,66 @@ def test_idle_buffers_from_a_burst_do_not_block_a_long_request(tiny_models):
         assert c.finish[4]["finish_reason"] == "length" and len(c.tokens[4]) == 147
     finally:
         engine.shutdown()
+
+
+class FaultyConstraint:
+    """A constraint (the ``Constraint`` protocol) that allows every token, then raises at
+    step ``at``: the fault of one sequence's own work, as a broken grammar would be."""
+
+    def __init__(self, vocab: int, at: int, exc: Exception):
+        self.vocab, self.at, self.exc = vocab, at, exc
+
+    def start(self):
+        return 0
+
+    def allowed(self, state):
+        if state == self.at:
+            raise self.exc
+        return torch.ones(self.vocab, dtype=torch.bool)
+
+    def advance(self, state, token):
+        return state + 1
+
+    def done(self, state):
+        return False
+
+
+@pytest.mark.parametrize(
+    "exc, message",
+    [
+        (TypeError("'NoneType' object is not subscriptable"), "internal error, see the server"),
+        (FolkError("response_format: the grammar hit its per-step limit"), "per-step limit"),
+    ],
+)
+def test_a_fault_in_one_sequence_fails_that_request_alone(tiny_models, exc, message):
+    """Finding 2 of issue 16: a raising constraint used to end every stream in the batch.
+    Now the faulty request alone finishes with an error (no exception type in it) and the
+    three others finish with the tokens they have alone."""
+    import folklm
+
+    _, folder = tiny_models("llama")
+    llm = folklm.load(folder, dtype="float32")
+    prompts = [[1, 5, 7], [1, 9, 11, 13], [1, 20], [1, 4, 4]]
+    alone = [
+        generate(llm.model, llm.tokenizer, [p], SamplingParams(20, ignore_eos=True), [])[0]
+        for p in prompts
+    ]
+    engine = Engine(llm, max_batch=8)
+    try:
+        c = Collector(5)
+        c.engine = engine
+        for i, p in enumerate(prompts[:2]):
+            engine.submit(Request(p, 20, c.sink(i), temperature=0, ignore_eos=True))
+        bad = FaultyConstraint(llm.config.vocab_size, 4, exc)
+        engine.submit(Request([1, 2, 3], 20, c.sink(4), constraint=bad, ignore_eos=True))
+        for i, p in enumerate(prompts[2:], start=2):
+            engine.submit(Request(p, 20, c.sink(i), temperature=0, ignore_eos=True))
+        c.wait(5)
+    finally:
+        engine.shutdown()
+    assert c.finish[4]["finish_reason"] == "error"
+    assert message in c.finish[4]["error"] and "TypeError" not in c.finish[4]["error"]
+    assert len(c.tokens[4]) == 4  # it ran until its fault
+    for i in range(4):
+        assert c.finish[i]["finish_reason"] == "length"
+        assert c.tokens[i] == alone[i].token_ids, f"request {i} changed by the faulty one"

@@ -262,3 +262,19 @@ def test_gsm8k_shots_are_drawn_as_lm_eval_draws_them_from_another_split():
         shots = sampler.sample(5, eval_doc=None)
         want = "".join(f"Question: {d['question']}\nAnswer: {d['answer']}\n\n" for d in shots)
         assert item["context"].startswith(want)
+
+
+def test_a_template_cannot_reorder_the_choices(tmp_path):
+    """Issue 16, finding 11: under the mutable sandbox, a ``text`` template could call
+    ``choices.reverse()`` and move the gold answer; the immutable sandbox refuses it."""
+    records = [dict(r, opts=[r["sol1"], r["sol2"]]) for r in PIQA_LIKE]
+    spec = load_spec(
+        _piqa_spec(tmp_path, "'{{opts}}'", text="{{opts.reverse() or goal}}", records=records)
+    )
+    with pytest.raises(FolkError, match="unsafe|not safely callable|reverse"):
+        build_requests(spec)
+    _, items = build_requests(load_spec(_piqa_spec(tmp_path, "'{{opts}}'", records=records)))
+    assert [c for _, c in items[1]["requests"]] == [
+        " " + PIQA_LIKE[1]["sol1"],
+        " " + PIQA_LIKE[1]["sol2"],
+    ]

@@ -77,7 +77,7 @@ def test_adapter_from_hub_lineage(bpe_models, tmp_path, monkeypatch, random_adap
     async def run():
         transport = httpx.ASGITransport(app=app)
         async with app.router.lifespan_context(app):
-            async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
                 listed = (await c.get("/v1/models")).json()["data"]  # found in the hub
                 assert "tinyadapter" in {m["id"] for m in listed}
                 out = {}

@@ -43,7 +43,7 @@ class Request:
     logprobs: int | None = None  # None: off; k: the chosen token's and the top-k logprobs
     echo_logprobs: bool = False  # logprobs of the prompt tokens too (completions echo)
     adapter: str | None = None
-    constraint: Constraint | None = None  # e.g. ``engine.constrained.JsonConstraint``
+    constraint: Constraint | None = None  # e.g. ``engine.constrained.GrammarConstraint``
     ignore_eos: bool = False
     id: int = field(default_factory=itertools.count().__next__)
     cancelled: bool = False

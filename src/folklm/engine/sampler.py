@@ -29,7 +29,7 @@ LogitsProcessor = Callable[[torch.Tensor], torch.Tensor]  # (B, V) scores -> (B,
 
 
 class Constraint(Protocol):
-    """An output constraint (``engine.constrained.JsonConstraint``): a state machine."""
+    """An output constraint (``engine.constrained.GrammarConstraint``): a state machine."""
 
     def start(self) -> Any: ...
     def allowed(self, state: Any) -> torch.Tensor: ...  # (V,) bool

@@ -15,10 +15,18 @@ tensors and calls the model over the slot cache; the ``OutputProcessor``
 
 The queue in front is bounded: ``submit`` raises ``QueueFull`` when it is full (the
 server answers 429 with ``Retry-After``).
+
+Failure isolation: a fault in one sequence's own work -- its constraint, its sampler, its
+detokenizer -- finishes that request alone with ``finish_reason: "error"``; every other
+sequence of the step goes on with the same logits, so its tokens are those it would have
+had alone. Only a failure of the shared model call fails the whole batch. The event's
+``error`` is what a client may see: a ``FolkError``'s message (bad input, a limit), else a
+generic sentence; the detail (exception type, traceback) goes to the ``folklm.engine`` log.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -27,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from folklm.engine.constrained import GrammarCache, GrammarTokenizer
 from folklm.engine.multilora import MultiLoRA
 from folklm.engine.output import OutputProcessor, Sequence, prompt_logprobs
 from folklm.engine.request import QueueFull, Request
@@ -37,6 +46,26 @@ from folklm.models.llama import CausalLM
 
 if TYPE_CHECKING:  # pragma: no cover
     from folklm.engine.llm import LLM
+
+log = logging.getLogger("folklm.engine")
+
+
+def client_error(exc: BaseException, req: Request) -> str:
+    """What a client may read about ``exc`` (no paths, no exception types); logs the rest."""
+    if isinstance(exc, FolkError):
+        log.info("request %d failed: %s", req.id, exc)
+        return str(exc)
+    log.error("request %d failed", req.id, exc_info=exc)
+    return f"generation failed (request {req.id}): an internal error, see the server log"
+
+
+@dataclass
+class Job:
+    """Work for the engine thread between decode steps (``Engine.call``)."""
+
+    fn: Callable[[], Any]
+    done: Callable[[Any, BaseException | None], None]
+    tokens: int = 0
 
 
 @dataclass
@@ -198,8 +227,8 @@ class Engine:
         self.cache = SlotCache(llm.config, max_batch, self.max_len, llm.dtype, kv_budget_bytes)
         self.keep_prefixes = keep_prefixes
         self.vocab = llm.config.vocab_size
-        self.jobs: deque[tuple[Callable[[], Any], Callable[[Any, BaseException | None], None]]]
-        self.jobs = deque()
+        self.jobs: deque[Job] = deque()
+        self.max_prefill_tokens = max_prefill_tokens
         self._cv = threading.Condition()
         self._stop = False
         self.stats: dict[str, float] = {
@@ -220,6 +249,8 @@ class Engine:
             self.tokenizer, self.eos, self.vocab, self.stats, self.observers
         )
         self.lora = lora
+        self._grammars: GrammarCache | None = None
+        self._grammars_lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="folk-engine", daemon=True)
         self._thread.start()
 
@@ -238,6 +269,15 @@ class Engine:
                 f"{self.cache.budget_bytes // self.cache.bytes_per_token} tokens"
             )
 
+    def grammars(self) -> GrammarCache:
+        """The compiled-grammar cache of constrained decoding (built at first use, ~0.5 s:
+        call it off the event loop)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                eos = sorted(self.eos)
+                self._grammars = GrammarCache(GrammarTokenizer(self.tokenizer, self.vocab, eos))
+            return self._grammars
+
     def submit(self, req: Request) -> Request:
         self.check_length(len(req.prompt), req.max_tokens)
         req.sampling()  # raises FolkError on a bad option
@@ -252,10 +292,20 @@ class Engine:
         with self._cv:
             self._cv.notify()
 
-    def call(self, fn: Callable[[], Any], done: Callable[[Any, BaseException | None], None]):
-        """Run ``fn`` on the engine thread between steps (embeddings, adapter loads)."""
+    def call(
+        self,
+        fn: Callable[[], Any],
+        done: Callable[[Any, BaseException | None], None],
+        tokens: int = 0,
+    ):
+        """Run ``fn`` on the engine thread between steps (embeddings, adapter loads).
+
+        ``tokens`` is what the job feeds the model. Between two decode steps the jobs run
+        within a budget -- ``max_prefill_tokens``, a quarter of it while sequences are
+        running, at least one job -- so a burst of them (an embeddings request of many
+        long inputs, in chunks) cannot stall the running streams."""
         with self._cv:
-            self.jobs.append((fn, done))
+            self.jobs.append(Job(fn, done, tokens))
             self._cv.notify()
 
     def shutdown(self) -> None:
@@ -308,13 +358,17 @@ class Engine:
                     self._cv.wait(timeout=1.0)
                 if self._stop:
                     break
-                jobs, self.jobs = list(self.jobs), deque()
-            for fn, done in jobs:
+                jobs: list[Job] = []
+                budget = self.max_prefill_tokens // (4 if self.running else 1)
+                while self.jobs and (not jobs or self.jobs[0].tokens <= budget):
+                    jobs.append(self.jobs.popleft())
+                    budget -= jobs[-1].tokens
+            for job in jobs:
                 try:
-                    result, error = fn(), None
+                    result, error = job.fn(), None
                 except BaseException as exc:  # noqa: BLE001 - handed to the caller
                     result, error = None, exc
-                done(result, error)
+                job.done(result, error)
             try:
                 with torch.inference_mode():
                     self.scheduler.drop_cancelled()
@@ -324,7 +378,7 @@ class Engine:
                         self._decode_step()
             except Exception as exc:  # noqa: BLE001 - fail the batch, keep the server up
                 for seq in list(self.running):
-                    self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
+                    self._finish(seq, "error", error=client_error(exc, seq.req))
         for seq in list(self.running):
             self._finish(seq, "error", error="server shutting down")
 
@@ -350,9 +404,9 @@ class Engine:
             reason = self.output.emit(seq, logits)
         except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
             if seq is not None and seq in self.running:
-                return self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
+                return self._finish(seq, "error", error=client_error(exc, req))
             self.scheduler.abort(adm)
-            req.sink({"type": "finish", "finish_reason": "error", "error": str(exc)})
+            req.sink({"type": "finish", "finish_reason": "error", "error": client_error(exc, req)})
             return
         if reason is not None:
             self._finish(seq, reason)
@@ -369,7 +423,11 @@ class Engine:
             o("batch_size", float(len(seqs)))
         for s in seqs:
             self.cache.tokens[s.slot].append(s.next_token)
-            reason = self.output.emit(s, logits[s.slot : s.slot + 1])
+            try:  # this sequence's own work: constraint, sampler, text
+                reason = self.output.emit(s, logits[s.slot : s.slot + 1])
+            except Exception as exc:  # noqa: BLE001 - fails this request alone
+                reason = None
+                self._finish(s, "error", error=client_error(exc, s.req))
             if reason is not None:
                 self._finish(s, reason)
 

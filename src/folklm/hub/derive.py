@@ -30,7 +30,7 @@ from typing import Any
 from folklm.hub.catalogue import Entry
 from folklm.hub.names import parse_ref
 from folklm.hub.register import DataFile, Derivation, register_model
-from folklm.hub.store import folk_home
+from folklm.hub.store import ensure_home
 
 
 @dataclass
@@ -84,8 +84,7 @@ def derive(
     started = time.time() if started_at is None else started_at
     work = None
     if folder is None:
-        home = folk_home()
-        home.mkdir(parents=True, exist_ok=True)
+        home = ensure_home()
         work = Path(tempfile.mkdtemp(prefix=f".{operation}-", dir=home))
         target = work / "model"
     else:

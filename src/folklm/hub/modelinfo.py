@@ -53,8 +53,10 @@ class ModelInfo:
     gguf_metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def inspect_path(path: Path) -> ModelInfo:
+def inspect_path(path: Path, *, confine: bool = True) -> ModelInfo:
     """Describe the model at ``path`` (a Hugging Face folder or a ``.gguf`` file).
+
+    ``confine``: see :func:`collect_files` (symlinks must stay inside the folder).
 
     Raises:
         FolkError: the path does not exist or is not a model.
@@ -62,7 +64,7 @@ def inspect_path(path: Path) -> ModelInfo:
     if not path.exists():
         raise FolkError(f"{path}: no such file or folder")
     if path.is_dir():
-        return _inspect_folder(path)
+        return _inspect_folder(path, confine)
     if path.is_file() and _is_gguf(path):
         return _inspect_gguf(path)
     raise FolkError(
@@ -76,20 +78,61 @@ def _is_gguf(path: Path) -> bool:
         return f.read(4) == b"GGUF"
 
 
-def collect_files(folder: Path) -> dict[str, Path]:
+def _allowed_root(folder: Path) -> Path:
+    """Where the files of ``folder`` may live: the folder itself, or for a Hugging Face cache
+    snapshot (``models--ORG--NAME/snapshots/REV``) the repository folder, whose ``blobs/``
+    its links point into."""
+    real = folder.resolve()
+    if real.parent.name == "snapshots" and real.parent.parent.name.startswith("models--"):
+        return real.parent.parent
+    return real
+
+
+def collect_files(folder: Path, *, confine: bool = True) -> dict[str, Path]:
     """Every regular file under ``folder`` (symlinks followed, as in a Hugging Face cache
     snapshot), except hidden files and folders (``.git``, ``.cache``) and partial
-    downloads."""
+    downloads.
+
+    Args:
+        confine: refuse a symlink that resolves outside the folder (or outside the cache
+            repository of a snapshot): a ``README.md -> ~/secret`` would otherwise be
+            stored in the hub. Off only for staging folders of links the caller named.
+
+    Raises:
+        FolkError: a symlink out of the folder, or a symlink loop.
+    """
+    root_real = _allowed_root(folder)
     files: dict[str, Path] = {}
+    seen: set[tuple[int, int]] = set()
     for root, dirs, names in os.walk(folder, followlinks=True):
+        st = os.stat(root)
+        if (st.st_dev, st.st_ino) in seen:
+            rel = Path(root).relative_to(folder).as_posix()
+            raise FolkError(f"{folder}: {rel} is a symlink loop (a folder seen twice); refused")
+        seen.add((st.st_dev, st.st_ino))
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for d in dirs:
+            _check_inside(folder, Path(root) / d, root_real, confine)
         for name in sorted(names):
             if name.startswith(".") or name in _SKIP_NAMES or name.endswith(_SKIP_SUFFIXES):
                 continue
             p = Path(root) / name
             if p.is_file():
+                _check_inside(folder, p, root_real, confine)
                 files[p.relative_to(folder).as_posix()] = p
     return files
+
+
+def _check_inside(folder: Path, p: Path, root_real: Path, confine: bool) -> None:
+    if not confine or not p.is_symlink():
+        return
+    real = p.resolve()
+    if real != root_real and root_real not in real.parents:
+        rel = p.relative_to(folder).as_posix()
+        raise FolkError(
+            f"{folder}: {rel} is a symlink to a path outside the imported folder; refused "
+            "(copy the file into the folder if it belongs to the model)"
+        )
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -120,8 +163,8 @@ def safetensors_header(path: Path) -> dict[str, Any]:
     return header
 
 
-def _inspect_folder(folder: Path) -> ModelInfo:
-    files = collect_files(folder)
+def _inspect_folder(folder: Path, confine: bool = True) -> ModelInfo:
+    files = collect_files(folder, confine=confine)
     weights = [p for p in files if p.endswith(".safetensors")]
     pickles = [p for p in files if p.endswith(_PICKLE_SUFFIXES)]
     if "config.json" in files:

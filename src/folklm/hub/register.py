@@ -118,7 +118,7 @@ def _inspect_source(source: str | os.PathLike | Mapping[str, str | os.PathLike],
             os.symlink(Path(target).resolve(), link)
         if len(source) == 1 and next(iter(source)).endswith(".gguf"):
             return inspect_path(staging / next(iter(source)))
-        return inspect_path(staging)
+        return inspect_path(staging, confine=False)  # links to the files the caller named
     return inspect_path(Path(source).expanduser())
 
 

@@ -173,6 +173,18 @@ def folk_home() -> Path:
     return Path(os.environ.get("FOLK_HOME") or Path.home() / ".folklm").expanduser()
 
 
+def ensure_home(home: Path | None = None) -> Path:
+    """Create ``$FOLK_HOME`` (or ``home``) if missing, readable by its owner only (0700):
+    it holds every model, prompt cache and run of the user. An existing folder is left as
+    the user set it."""
+    home = home if home is not None else folk_home()
+    if not home.exists():
+        home.parent.mkdir(parents=True, exist_ok=True)
+        home.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(home, 0o700)  # whatever the umask
+    return home
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -214,6 +226,7 @@ class Store:
     @property
     def conn(self) -> sqlite3.Connection:
         if self._conn is None:
+            ensure_home(self.home)
             for folder in (self.blobs, self.entries, self.tmp):
                 folder.mkdir(parents=True, exist_ok=True)
             try:
@@ -293,6 +306,7 @@ class Store:
         sha, size = known or sha256_file(src)
         if self.has_blob(sha, size):
             return sha, size
+        ensure_home(self.home)
         for folder in (self.tmp, self.blobs):
             folder.mkdir(parents=True, exist_ok=True)
         tmp = self.tmp / f"{os.getpid()}-{secrets.token_hex(8)}.blob"
@@ -306,7 +320,7 @@ class Store:
                     pass
             if not linked:
                 self._copy_checked(src, tmp, sha)
-            os.chmod(tmp, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+            os.chmod(tmp, stat.S_IRUSR)  # 0400: the owner's, and immutable by mistake
             os.replace(tmp, self.blob_path(sha))
             _fsync_dir(self.blobs)
         finally:

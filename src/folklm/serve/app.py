@@ -7,10 +7,22 @@ thin: parse (``protocol``), look up the model (``models``), call the serving fun
 OpenAI-style error body ``{"error": {"message", "type", "param", "code"}}`` with a 4xx:
 400 bad input (FastAPI's 422 validation errors included), 401 auth, 404 unknown model or
 route, 413 body too large, 429 queue full (with ``Retry-After``).
+
+The edges, for hostile clients (README "Security"): bound to a loopback address, only
+requests whose ``Host`` names this machine (``localhost``, ``127.0.0.1``, ``[::1]``, or a
+name in ``ServeConfig.allowed_hosts``) are served -- a web page cannot reach the server by
+DNS rebinding (403, as Ollama's fix of CVE-2024-28224). With API keys set, every route
+needs one except ``/health`` and the web chat's static files (which hold no data):
+``/metrics`` and ``/openapi.json`` included. Error bodies carry no local paths and no
+exception class names: :func:`public_message` removes them, the detail goes to the
+``folklm.serve`` log.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import re
 import sys
 import time
 from contextlib import asynccontextmanager
@@ -38,8 +50,60 @@ from folklm.serve.protocol import (
     EmbeddingRequest,
     error_body,
 )
+from folklm.serve.runner import ClientGone
 
 WEB = Path(__file__).parent / "web"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+OPEN_PATHS = ("/health", "/", "/web/")  # no key needed (``/web/`` is a prefix)
+log = logging.getLogger("folklm.serve")
+_PATH = re.compile(r"(?<![\w#.$~/])(/[^\s'\"(),:;]+)")
+_EXC_NAME = re.compile(r"\b[A-Z][A-Za-z]*(?:Error|Exception|Warning): ")
+
+
+def public_message(message: str) -> str:
+    """``message`` without local paths (a path whose first folder exists here becomes
+    ``<path>``) and without exception class names, for an error body."""
+
+    def hide(m: re.Match) -> str:
+        path = m.group(1)
+        top = "/" + path.split("/")[1]
+        return "<path>" if path.count("/") > 1 and os.path.isdir(top) else path
+
+    return _EXC_NAME.sub("", _PATH.sub(hide, message))
+
+
+def host_allowed(host_header: str | None, allowed: list[str]) -> bool:
+    """Whether a ``Host`` header names this machine (or an allowed name), port ignored."""
+    if not host_header:
+        return False
+    host = host_header.strip().lower()
+    if host.startswith("["):  # [::1]:8000
+        host = host[1 : host.find("]")] if "]" in host else host
+    elif host.count(":") == 1:
+        host = host.split(":")[0]
+    return host in LOOPBACK or host in [a.lower() for a in allowed]
+
+
+class TrustedHost:
+    """ASGI middleware: when bound to loopback, refuse requests whose ``Host`` is another
+    name (DNS rebinding) with 403."""
+
+    def __init__(self, app, allowed: list[str]):
+        self.app, self.allowed = app, allowed
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = dict(scope.get("headers") or [])
+            raw = headers.get(b"host")
+            host = raw.decode("latin-1") if raw is not None else None
+            if not host_allowed(host, self.allowed):
+                msg = (
+                    f"Host header {host!r} is not allowed: this server is bound to loopback "
+                    "(folk serve --allowed-host NAME to add a name)"
+                )
+                response = _error(403, msg, "invalid_request_error", code="host_not_allowed")
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 def _model_name(source: Any) -> str:
@@ -137,11 +201,14 @@ def build_app(config: ServeConfig | None = None) -> FastAPI:
     app = FastAPI(title="folklm", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.table, app.state.metrics, app.state.config = table, metrics, config
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
+    if config.host in LOOPBACK:
+        app.add_middleware(TrustedHost, allowed=list(config.allowed_hosts))
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        route = request.url.path if request.url.path in KNOWN else "other"
-        if request.url.path.startswith("/v1"):
+        path = request.url.path
+        route = path if path in KNOWN else "other"
+        if path not in OPEN_PATHS[:2] and not path.startswith(OPEN_PATHS[2]):
             try:
                 check(config.api_keys, request.headers.get("authorization"))
             except AuthError as exc:
@@ -163,7 +230,7 @@ def build_app(config: ServeConfig | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        return _error(exc.status_code, str(exc.detail), "invalid_request_error")
+        return _error(exc.status_code, public_message(str(exc.detail)), "invalid_request_error")
 
     @app.exception_handler(ModelNotFound)
     async def _not_found(request: Request, exc: ModelNotFound):
@@ -176,11 +243,22 @@ def build_app(config: ServeConfig | None = None) -> FastAPI:
 
     @app.exception_handler(FolkError)
     async def _folk(request: Request, exc: FolkError):
-        return _error(400, str(exc), "invalid_request_error")
+        log.info("400 on %s: %s", request.url.path, exc)
+        return _error(400, public_message(str(exc)), "invalid_request_error")
 
     @app.exception_handler(chat.EngineFailure)
     async def _engine(request: Request, exc: chat.EngineFailure):
-        return _error(500, str(exc), "server_error")
+        return _error(500, public_message(str(exc)), "server_error")
+
+    @app.exception_handler(ClientGone)
+    async def _gone(request: Request, exc: ClientGone):
+        return _error(499, "the client closed the connection", "invalid_request_error")
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception):
+        log.error("500 on %s", request.url.path, exc_info=exc)
+        msg = "internal server error (the detail is in the server log)"
+        return _error(500, msg, "server_error")
 
     @app.get("/health")
     async def health():
@@ -211,14 +289,16 @@ def build_app(config: ServeConfig | None = None) -> FastAPI:
         return {"id": m.name, "object": "model", "created": m.created, "owned_by": "folklm"}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
         served = table.lookup(body.model)
-        return await chat.create(body, served, table.token_text[id(served.engine)])
+        text = table.token_text[id(served.engine)]
+        return await chat.create(body, served, text, request)
 
     @app.post("/v1/completions")
-    async def text_completions(body: CompletionRequest):
+    async def text_completions(body: CompletionRequest, request: Request):
         served = table.lookup(body.model)
-        return await completions.create(body, served, table.token_text[id(served.engine)])
+        text = table.token_text[id(served.engine)]
+        return await completions.create(body, served, text, request, config.max_choices)
 
     @app.post("/v1/embeddings")
     async def create_embeddings(body: EmbeddingRequest):

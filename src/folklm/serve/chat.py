@@ -3,9 +3,15 @@
 Response bodies follow the OpenAI reference: ``chat.completion`` objects, or with
 ``stream`` a server-sent-event stream of ``chat.completion.chunk`` objects ending in
 ``data: [DONE]`` (with ``stream_options.include_usage`` a last chunk carries the usage and
-no choices). ``response_format`` ``json_object`` / ``json_schema`` switch on constrained
-decoding (``engine.constrained``), so the content always parses (unless cut by
-``max_tokens``, reported as ``finish_reason: "length"``).
+no choices). ``response_format`` ``json_object`` / ``json_schema`` (and the extension
+``{"type": "regex", "regex": ...}``) switch on constrained decoding (``engine.constrained``),
+so the content always parses (unless cut by ``max_tokens``, reported as
+``finish_reason: "length"``).
+
+A grammar is compiled off the event loop, on a pool of ``COMPILE_THREADS`` threads, within
+``COMPILE_TIMEOUT_S`` (waiting for a thread included); a schema over a size, depth or
+complexity limit, or a slow one, is a 400 naming the limit. Compiled grammars are cached
+per engine within a byte budget (``engine.constrained.GrammarCache``).
 """
 
 from __future__ import annotations
@@ -13,11 +19,14 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.requests import Request as HTTPRequest
 
-from folklm.engine.constrained import JsonConstraint, Vocabulary
+from folklm.engine.constrained import GrammarConstraint
+from folklm.engine.grammar import check_schema
 from folklm.engine.scheduler import Request
 from folklm.errors import FolkError
 from folklm.ops.sampling import DISTRIBUTION_OPTIONS
@@ -25,8 +34,9 @@ from folklm.serve.protocol import ChatCompletionRequest, ResponseFormat, error_b
 from folklm.serve.runner import ServedModel, Submission, TokenText, logprob_entry
 
 DEFAULT_MAX_TOKENS = 1024
-_constraints: dict[tuple[int, str], Any] = {}
-_vocabularies: dict[int, Any] = {}
+COMPILE_TIMEOUT_S = 5.0
+COMPILE_THREADS = 2
+_compile_pool = ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="folk-grammar")
 
 
 class EngineFailure(Exception):
@@ -43,30 +53,44 @@ def completion_budget(served: ServedModel, n_prompt: int, asked: int | None) -> 
 
 
 async def constraint_for(served: ServedModel, fmt: ResponseFormat | None) -> Any:
-    """The shared (memoising) JSON constraint for a response format, or None."""
+    """The shared compiled constraint of a response format, or None (plain text).
+
+    Raises:
+        FolkError: a bad format, a schema over a limit, or a compile over the time limit.
+    """
     if fmt is None or fmt.type == "text":
         return None
-
-    schema = None
+    where = "response_format"
+    spec: str | None = None
     if fmt.type == "json_schema":
         if fmt.json_schema is None:
             raise FolkError("response_format.json_schema is required when type is json_schema")
-        schema = fmt.json_schema.schema_ or {}
+        where = "response_format.json_schema.schema"
+    elif fmt.type == "regex":
+        if fmt.regex is None:
+            raise FolkError("response_format.regex is required when type is regex")
+        where, spec = "response_format.regex", fmt.regex
     engine = served.engine
-    key = (id(engine), json.dumps(schema, sort_keys=True))
-    if key not in _constraints:
-        if id(engine) not in _vocabularies:
-            _vocabularies[id(engine)] = await asyncio.to_thread(
-                Vocabulary, engine.tokenizer, engine.vocab, sorted(engine.eos)
-            )
-        try:
-            constraint = JsonConstraint(_vocabularies[id(engine)], schema)
-        except FolkError as exc:
-            raise FolkError(f"response_format.json_schema.schema: {exc}") from None
-        if len(_constraints) > 64:
-            _constraints.clear()
-        _constraints[key] = constraint
-    return _constraints[key]
+
+    def compile_() -> GrammarConstraint:
+        nonlocal spec
+        if fmt.type == "json_schema":
+            assert fmt.json_schema is not None  # checked above
+            spec = check_schema(fmt.json_schema.schema_ or {})
+        return engine.grammars().compile(fmt.type, spec)
+
+    loop = asyncio.get_running_loop()
+    try:
+        return await asyncio.wait_for(
+            loop.run_in_executor(_compile_pool, compile_), COMPILE_TIMEOUT_S
+        )
+    except TimeoutError:
+        raise FolkError(
+            f"{where}: compiling the grammar took longer than the limit of {COMPILE_TIMEOUT_S:g} s"
+        ) from None
+    except FolkError as exc:
+        message = str(exc).removeprefix("schema: ").removeprefix("regex: ")
+        raise FolkError(f"{where}: {message}") from None
 
 
 def make_requests(served: ServedModel, prompt: list[int], body: Any, max_tokens: int, **kw):
@@ -99,7 +123,12 @@ def sse(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def create(body: ChatCompletionRequest, served: ServedModel, table: TokenText):
+async def create(
+    body: ChatCompletionRequest,
+    served: ServedModel,
+    table: TokenText,
+    request: HTTPRequest | None = None,
+):
     engine = served.engine
     messages = [
         {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
@@ -127,7 +156,7 @@ async def create(body: ChatCompletionRequest, served: ServedModel, table: TokenT
     lps: list[list[dict]] = [[] for _ in range(body.n)]
     finish: list[str | None] = [None] * body.n
     completion = 0
-    async for i, ev in sub.events():
+    async for i, ev in sub.events(watch=request):
         if ev["type"] == "token":
             texts[i] += ev["text"]
             if ev["logprobs"] is not None:

@@ -4,7 +4,8 @@ A prompt may be a string, a list of strings, a list of token ids or a list of su
 (the form lm-evaluation-harness sends). With ``echo`` the prompt is repeated in the text,
 and with ``echo`` + ``logprobs`` the prompt tokens get their log-probabilities too (None
 for the first token) -- what ``lm_eval --model local-completions`` reads to score
-log-likelihood tasks. Choice ``index`` is ``prompt_index * n + i``.
+log-likelihood tasks. Choice ``index`` is ``prompt_index * n + i``; prompts x ``n`` is
+capped per request (``ServeConfig.max_choices``, default 64), a 400 beyond.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.requests import Request as HTTPRequest
 
 from folklm.errors import FolkError
 from folklm.serve.chat import EngineFailure, completion_budget, make_requests, sse, usage
@@ -71,9 +73,22 @@ def _logprobs(table: TokenText, c: _Choice) -> dict[str, Any]:
     }
 
 
-async def create(body: CompletionRequest, served: ServedModel, table: TokenText):
+async def create(
+    body: CompletionRequest,
+    served: ServedModel,
+    table: TokenText,
+    request: HTTPRequest | None = None,
+    max_choices: int = 64,
+):
     if body.suffix:
         raise FolkError("suffix is not supported")
+    n_prompts = 1 if isinstance(body.prompt, str) or isinstance(body.prompt[0], int) else None
+    n_prompts = n_prompts or len(body.prompt)
+    if n_prompts * body.n > max_choices:
+        raise FolkError(
+            f"{n_prompts} prompts x n={body.n} = {n_prompts * body.n} choices; the limit is "
+            f"{max_choices} per request (folk serve --max-choices)"
+        )
     prompts = await asyncio.to_thread(encode_prompts, body, served)
     want_lp = body.logprobs is not None
     requests = []
@@ -98,7 +113,7 @@ async def create(body: CompletionRequest, served: ServedModel, table: TokenText)
     for k, c in enumerate(choices):
         if body.echo:
             c.text = served.engine.tokenizer.decode(prompts[k // body.n])
-    async for i, ev in sub.events():
+    async for i, ev in sub.events(watch=request):
         c = choices[i]
         if ev["type"] == "prompt_logprobs":
             for item in ev["data"]:

@@ -31,12 +31,15 @@ class ServeConfig:
         names: the name each model is served under (default: derived from the source).
         adapters: served adapter name -> (base, PEFT folder).
         api_keys: bearer keys; empty: no authentication.
+        allowed_hosts: ``Host`` names served besides localhost/127.0.0.1/[::1] when bound
+            to loopback (the DNS-rebinding guard).
     """
 
     models: list[Any] = field(default_factory=lambda: [None])
     names: list[str | None] | None = None
     adapters: dict[str, tuple[str, str]] = field(default_factory=dict)
     api_keys: list[str] = field(default_factory=list)
+    allowed_hosts: list[str] = field(default_factory=list)
     host: str = field(default="127.0.0.1", metadata=_flag("Address to bind."))
     port: int = field(default=8000, metadata=_flag("Port to bind.", 0, 65535))
     max_batch: int = field(default=16, metadata=_flag("Most sequences decoding together.", 1, 1024))
@@ -47,6 +50,10 @@ class ServeConfig:
     kv_cache_bytes: int = 4 * GIB
     max_adapters: int = field(default=8, metadata=_flag("Adapters resident at once (LRU).", 1, 256))
     max_body_bytes: int = 4 << 20
+    max_choices: int = field(
+        default=64,
+        metadata=_flag("Most choices (prompts x n) in one completions request.", 1, 1024),
+    )
     dtype: str = field(
         default="float32", metadata=_flag("Compute dtype: float32 or bfloat16.", choices=DTYPES)
     )

@@ -1,8 +1,11 @@
 """``POST /v1/embeddings``: one vector per input (``engine.embed``), OpenAI's list format.
 
 Runs on the engine thread between decode steps (``Engine.call``), so it never races a
-batch for the model. ``encoding_format: base64`` packs little-endian float32, as the
-OpenAI client expects; ``dimensions`` truncates and re-normalises (Matryoshka-style).
+batch for the model: one job per chunk of ``CHUNK`` tokens (``engine.embed.ChunkedEmbedding``)
+within the engine's job budget per step, so running streams keep flowing while a long
+embeddings request is served.
+``encoding_format: base64`` packs little-endian float32, as the OpenAI client expects;
+``dimensions`` truncates and re-normalises (Matryoshka-style).
 """
 
 from __future__ import annotations
@@ -12,12 +15,13 @@ import base64
 
 from fastapi.responses import JSONResponse
 
-from folklm.engine.embed import embed
+from folklm.engine.embed import ChunkedEmbedding
 from folklm.errors import FolkError
 from folklm.serve.protocol import EmbeddingRequest
 from folklm.serve.runner import ServedModel
 
 MAX_INPUTS = 256
+CHUNK = 128  # tokens per engine job
 
 
 async def create(body: EmbeddingRequest, served: ServedModel) -> JSONResponse:
@@ -49,15 +53,26 @@ async def create(body: EmbeddingRequest, served: ServedModel) -> JSONResponse:
             f"dimensions={body.dimensions} exceeds the model's {engine.llm.config.hidden_size}"
         )
     loop = asyncio.get_running_loop()
-    future: asyncio.Future = loop.create_future()
+    futures: list[asyncio.Future] = []
+    for ids in inputs:
+        future: asyncio.Future = loop.create_future()
+        state = ChunkedEmbedding(engine.model, ids, CHUNK)
 
-    def done(result, error):
-        loop.call_soon_threadsafe(
-            future.set_exception if error else future.set_result, error or result
-        )
+        def done(result, error, future=future):
+            def settle():
+                if future.done() or (result is None and error is None):
+                    return
+                if error is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(result)
 
-    engine.call(lambda: [embed(engine.model, ids) for ids in inputs], done)
-    vectors = await future
+            loop.call_soon_threadsafe(settle)
+
+        for start in range(0, len(ids), CHUNK):  # in order: the engine runs jobs FIFO
+            engine.call(state.step, done, tokens=min(CHUNK, len(ids) - start))
+        futures.append(future)
+    vectors = await asyncio.gather(*futures)
     data = []
     for k, v in enumerate(vectors):
         if body.dimensions is not None:

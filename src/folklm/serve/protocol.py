@@ -60,8 +60,9 @@ class JsonSchemaFormat(_Request):
 
 
 class ResponseFormat(_Request):
-    type: Literal["text", "json_object", "json_schema"]
+    type: Literal["text", "json_object", "json_schema", "regex"]
     json_schema: JsonSchemaFormat | None = None
+    regex: str | None = None  # extension: with type "regex", the whole output matches it
 
 
 Stop = str | list[str] | None

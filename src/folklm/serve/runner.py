@@ -4,7 +4,9 @@ A handler submits one engine ``Request`` per choice (``n`` of them) and reads th
 events from an ``asyncio.Queue`` fed thread-safely by the engine. Leaving the reader for
 any reason -- the response finished, the client disconnected (the task is cancelled), an
 error -- cancels every request still running, so its KV slot is freed before the next
-decode step.
+decode step. A non-streaming handler is not cancelled when its client goes away, so it
+passes its ``Request`` to :meth:`Submission.events`, which watches the connection and
+raises ``ClientGone`` (after cancelling) when it closes.
 """
 
 from __future__ import annotations
@@ -14,9 +16,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from starlette.requests import Request as HTTPRequest
+
 from folklm.engine.grammar import token_bytes
 from folklm.engine.scheduler import Engine, Request
 from folklm.tokenizer import Tokenizer
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its (non-streaming) answer was ready."""
 
 
 @dataclass
@@ -73,16 +81,31 @@ class Submission:
 
         return sink
 
-    async def events(self) -> AsyncIterator[tuple[int, dict]]:
+    async def events(self, watch: HTTPRequest | None = None) -> AsyncIterator[tuple[int, dict]]:
+        """(choice index, event) until every request finished; with ``watch``, raises
+        ``ClientGone`` as soon as that connection closes (the requests are cancelled)."""
         remaining = len(self.requests)
+        watcher = asyncio.create_task(self._watch(watch)) if watch is not None else None
         try:
             while remaining:
                 i, event = await self.queue.get()
+                if event["type"] == "gone":
+                    raise ClientGone("the client closed the connection")
                 if event["type"] == "finish":
                     remaining -= 1
                 yield i, event
         finally:
+            if watcher is not None:
+                watcher.cancel()
             self.close()
+
+    async def _watch(self, request: HTTPRequest) -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                self.close()
+                self.queue.put_nowait((-1, {"type": "gone"}))
+                return
 
     def close(self) -> None:
         for req in self.requests:
