@@ -282,3 +282,52 @@ def test_two_threads_decode_at_once(tiny_models) -> None:
     for t in threads:
         t.join()
     assert got == want
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+@pytest.mark.parametrize("path", [0, 1])  # the vector path, the portable scalar one
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_folklm_row_kernels_within_the_int8_bound(kind: str, path: int, levels: int) -> None:
+    """folk_matmul on folklm's int8 rows / re-laid int4 groups against a float64 product of
+    the layer's own dequantized weight, within the activation-rounding bound of
+    tests/kernels/test_gguf_kernels.py."""
+    from folklm.kernels import native
+    from folklm.quant import Int4Linear, Int8Linear
+    from tests.kernels.test_gguf_kernels import int8_bound
+
+    torch.manual_seed(levels + 2 * path)
+    dense = torch.nn.Linear(320, 40)
+    if kind == "int8":
+        layer = Int8Linear.from_linear(dense, torch.float32)
+        blocks, code, scale = layer.qweight, native_step._I8_ROWS, layer.scales.float()
+    else:
+        layer = Int4Linear.from_linear(dense, group_size=64, dtype=torch.float32)
+        blocks, code, scale = native_step.int4_blocks(layer), native_step._I4_GROUPS, None
+    w = layer.dequantize(torch.float64)
+    x = torch.randn(3, 320)
+    y = torch.empty(3, 40)
+    lib = native.kernels()
+    assert lib is not None
+    rc = lib.lib.folk_matmul(
+        code,
+        blocks.data_ptr(),
+        blocks.stride(0),
+        40,
+        320,
+        x.data_ptr(),
+        3,
+        y.data_ptr(),
+        40,
+        None,
+        levels,
+        1,
+        path,
+    )
+    assert rc == 0
+    if scale is not None:  # the row scale is the caller's (decode_step.c's lin_group)
+        y = y * scale
+        bound = int8_bound(w / scale.double()[:, None], x, levels) * scale.double()
+    else:
+        bound = int8_bound(w, x, levels)
+    err = (y.double() - x.double() @ w.t()).abs()
+    assert (err <= bound).all(), (err / bound).max()
