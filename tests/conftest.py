@@ -57,8 +57,45 @@ def hf_model(family: str):
         model = tf.MixtralForCausalLM(cfg)
     elif family == "qwen2":
         model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**COMMON))
+    elif family == "qwen3":  # q/k norms, explicit head_dim, a window on the last layer
+        cfg = tf.Qwen3Config(
+            **COMMON,
+            head_dim=24,
+            use_sliding_window=True,
+            sliding_window=6,
+            layer_types=["full_attention", "sliding_attention"],
+        )
+        model = tf.Qwen3ForCausalLM(cfg)
+    elif family == "gemma2":  # soft-capping (scores near the caps), alternating windows
+        cfg = tf.Gemma2Config(
+            **{**COMMON, "num_hidden_layers": 3},
+            head_dim=16,
+            sliding_window=6,
+            query_pre_attn_scalar=24,
+            attn_logit_softcapping=3.0,
+            final_logit_softcapping=5.0,
+        )
+        model = tf.Gemma2ForCausalLM(cfg)
+    elif family == "gemma3":  # local/global layers, two RoPE bases, scaled global RoPE
+        rope = {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+        }
+        cfg = tf.Gemma3TextConfig(
+            **{**COMMON, "num_hidden_layers": 3},
+            head_dim=16,
+            sliding_window=6,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters=rope,
+            query_pre_attn_scalar=24,
+        )
+        model = tf.Gemma3ForCausalLM(cfg)
     else:
         raise ValueError(family)
+    with torch.no_grad():  # norms away from their init (ones, or zeros as Gemma's offsets)
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.3)
     return model.eval()
 
 

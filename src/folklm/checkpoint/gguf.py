@@ -68,6 +68,26 @@ _LAYER_NAMES = {
     "ffn_down.weight": "mlp.down_proj.weight",
     "ffn_gate_inp.weight": "block_sparse_moe.gate.weight",
 }
+# Gemma 2/3 (and OLMo 2) keep a norm after attention and around the feed-forward; llama.cpp
+# calls the one before the feed-forward ``ffn_norm`` in every family.
+_SANDWICH_NAMES = {
+    **{g: hf for g, hf in _LAYER_NAMES.items() if g != "ffn_norm.weight"},
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+}
+_QK_NORM_NAMES = {
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+}
+# model_type -> GGUF name inside ``blk.N.`` -> HF name inside ``model.layers.N.``
+FAMILY_LAYER_NAMES: dict[str, dict[str, str]] = {
+    "gemma2": _SANDWICH_NAMES,
+    "gemma3_text": {**_SANDWICH_NAMES, **_QK_NORM_NAMES},
+    "qwen3": {**_LAYER_NAMES, **_QK_NORM_NAMES},
+}
+# Gemma's converter stores its norm weights as ``1 + w`` (the scale they apply).
+_NORM_SHIFTED = {"gemma2", "gemma3_text"}
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -85,7 +105,7 @@ class GGUFCheckpoint:
     """A GGUF file in Hugging Face terms.
 
     Attributes:
-        config: ``config.json``-style dict (``model_type`` llama, mixtral or qwen2).
+        config: ``config.json``-style dict (a ``model_type`` of ``models.registry``).
         tensors: HF parameter name -> tensor in the requested dtype (no ``lm_head.weight``
             when the embeddings are tied).
         tokenizer: the tokenizer rebuilt from the file's metadata.
@@ -144,11 +164,15 @@ def read_gguf(
 
     permute = meta["general.architecture"] == "llama"
     n_heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+    model_type = config["model_type"]
+    shifted = model_type in _NORM_SHIFTED
 
     def decode(name: str, info: Any, shape: tuple[int, ...]) -> torch.Tensor:
         w = dequantize(info.data, info.tensor_type, shape)
         if permute and (proj := name.rsplit(".", 2)[-2]) in n_heads:
             w = unpermute_rope(w, n_heads[proj])
+        if shifted and name.endswith("norm.weight"):
+            w = w - 1
         return w.to(dtype)
 
     tensors: dict[str, torch.Tensor] = {}
@@ -158,7 +182,7 @@ def read_gguf(
             if len(shape) < 2 or info.tensor_type not in QUANTIZED_BLOCKS:
                 continue
             del plan[name]
-            for hf, t in _kept(name, info, shape, permute, n_heads):
+            for hf, t in _kept(name, info, shape, permute, n_heads, model_type):
                 quantized[hf] = t
                 tensors[hf] = torch.empty(t.shape, dtype=dtype, device="meta")
     for name, w in _in_parallel(decode, plan):
@@ -168,7 +192,7 @@ def read_gguf(
             for e in range(w.shape[0]):
                 tensors[f"{prefix}.{e}.{kind}.weight"] = w[e]
         else:
-            tensors[_hf_name(name)] = w
+            tensors[_hf_name(name, model_type)] = w
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     return GGUFCheckpoint(
         config=config,
@@ -182,7 +206,12 @@ def read_gguf(
 
 
 def _kept(
-    name: str, info: Any, shape: tuple[int, ...], permute: bool, n_heads: dict[str, int]
+    name: str,
+    info: Any,
+    shape: tuple[int, ...],
+    permute: bool,
+    n_heads: dict[str, int],
+    model_type: str,
 ) -> Iterator[tuple[str, GGUFTensor]]:
     """(HF name, blocks) of one quantized GGUF tensor, split per expert when stacked."""
     t = GGUFTensor.from_bytes(info.data, info.tensor_type, (prod(shape[:-1]), shape[-1]))
@@ -196,7 +225,7 @@ def _kept(
     if permute and (proj := name.rsplit(".", 2)[-2]) in n_heads:
         # Blocks lie within rows, so undoing the RoPE permutation is a row order (exact).
         t.order = unpermute_rope(torch.arange(shape[0]), n_heads[proj]).contiguous()
-    yield _hf_name(name), t
+    yield _hf_name(name, model_type), t
 
 
 def _in_parallel(
@@ -240,15 +269,16 @@ def _tokenizer(path: Path, meta: dict[str, Any]) -> tuple[Tokenizer, dict[str, A
         raise CheckpointError(f"{path}: {e}") from None
 
 
-def _hf_name(gguf_name: str) -> str:
+def _hf_name(gguf_name: str, model_type: str = "llama") -> str:
     """The HF name of a non-stacked GGUF tensor (one of ``_expected_tensors``)."""
+    names = FAMILY_LAYER_NAMES.get(model_type, _LAYER_NAMES)
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     if m := _PER_EXPERT.fullmatch(gguf_name):
         layer, kind, e = m.groups()
         return f"model.layers.{layer}.block_sparse_moe.experts.{e}.{_EXPERT_NAMES[kind]}.weight"
-    if (m := _LAYER.fullmatch(gguf_name)) and m.group(2) in _LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    if (m := _LAYER.fullmatch(gguf_name)) and m.group(2) in names:
+        return f"model.layers.{m.group(1)}.{names[m.group(2)]}"
     raise CheckpointError(f"GGUF tensor {gguf_name!r} has no Hugging Face name")
 
 
@@ -260,6 +290,7 @@ def _expected_tensors(config: dict[str, Any], biases: bool) -> dict[str, tuple[i
     kv_rows = config["num_key_value_heads"] * head_dim
     ff = config["intermediate_size"]
     experts = config.get("num_local_experts") or 0
+    names = FAMILY_LAYER_NAMES.get(config["model_type"], _LAYER_NAMES)
     out: dict[str, tuple[int, ...]] = {
         "token_embd.weight": (vocab, hidden),
         "output_norm.weight": (hidden,),
@@ -268,8 +299,12 @@ def _expected_tensors(config: dict[str, Any], biases: bool) -> dict[str, tuple[i
         out["output.weight"] = (vocab, hidden)
     for i in range(config["num_hidden_layers"]):
         b = f"blk.{i}."
-        out[b + "attn_norm.weight"] = (hidden,)
-        out[b + "ffn_norm.weight"] = (hidden,)
+        for norm in ("attn_norm", "ffn_norm", "post_attention_norm", "post_ffw_norm"):
+            if f"{norm}.weight" in names:
+                out[f"{b}{norm}.weight"] = (hidden,)
+        if "attn_q_norm.weight" in names:
+            out[b + "attn_q_norm.weight"] = (head_dim,)
+            out[b + "attn_k_norm.weight"] = (head_dim,)
         out[b + "attn_q.weight"] = (q_rows, hidden)
         out[b + "attn_k.weight"] = (kv_rows, hidden)
         out[b + "attn_v.weight"] = (kv_rows, hidden)

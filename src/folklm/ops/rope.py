@@ -21,12 +21,20 @@ from folklm.config import ModelConfig
 from folklm.errors import ConfigError
 
 
-def inv_frequencies(config: ModelConfig, dim: int | None = None) -> torch.Tensor:
-    """Inverse frequencies ``theta^(-2i/d)`` after the config's scaling, in float64 -> float32."""
+def inv_frequencies(
+    config: ModelConfig, dim: int | None = None, *, local: bool = False
+) -> torch.Tensor:
+    """Inverse frequencies ``theta^(-2i/d)`` after the config's scaling, in float64 -> float32.
+
+    ``local``: those of Gemma 3's sliding-window layers (base ``rope_local_base_freq``,
+    never scaled).
+    """
     dim = dim or config.head_size
     steps = torch.arange(0, dim, 2, dtype=torch.float64, device="cpu")  # never on meta
-    inv_freq = 1.0 / (config.rope_theta ** (steps / dim))
-    rope_type = config.rope_type
+    theta = config.rope_local_base_freq if local else config.rope_theta
+    assert theta is not None, "local frequencies need rope_local_base_freq"
+    inv_freq = 1.0 / (theta ** (steps / dim))
+    rope_type = "default" if local else config.rope_type
     scaling = config.rope_scaling or {}
     if rope_type == "default":
         pass
@@ -59,19 +67,28 @@ def _llama3_scale(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
 
 
 class RotaryEmbedding(torch.nn.Module):
-    """Holds the inverse frequencies; returns (cos, sin) for given positions."""
+    """Holds the inverse frequencies; returns (cos, sin) for given positions.
 
-    inv_freq: torch.Tensor  # a buffer (register_buffer)
+    A config with ``rope_local_base_freq`` (Gemma 3) also gets ``local_inv_freq``, the
+    frequencies of its sliding-window layers: ``forward(..., local=True)``.
+    """
+
+    inv_freq: torch.Tensor  # buffers (register_buffer)
+    local_inv_freq: torch.Tensor
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.register_buffer("inv_freq", inv_frequencies(config), persistent=False)
+        if config.rope_local_base_freq is not None:
+            local = inv_frequencies(config, local=True)
+            self.register_buffer("local_inv_freq", local, persistent=False)
 
     def forward(
-        self, position_ids: torch.Tensor, dtype: torch.dtype
+        self, position_ids: torch.Tensor, dtype: torch.dtype, local: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # position_ids: (B, T) -> cos, sin: (B, 1, T, head_dim)
-        freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :]
+        inv_freq = self.local_inv_freq if local else self.inv_freq
+        freqs = position_ids[:, :, None].float() * inv_freq[None, None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
