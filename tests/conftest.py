@@ -66,6 +66,13 @@ def hf_model(family: str):
             layer_types=["full_attention", "sliding_attention"],
         )
         model = tf.Qwen3ForCausalLM(cfg)
+    elif family == "mistral_nemo":  # explicit head_dim != hidden / heads, no window
+        model = tf.MistralForCausalLM(tf.MistralConfig(**COMMON, head_dim=24))
+    elif family == "olmo2":
+        model = tf.Olmo2ForCausalLM(tf.Olmo2Config(**COMMON, pad_token_id=0, eos_token_id=2))
+    elif family == "phi3":  # fused qkv and gate_up; window on every layer
+        cfg = tf.Phi3Config(**COMMON, sliding_window=6, pad_token_id=0, eos_token_id=2)
+        model = tf.Phi3ForCausalLM(cfg)
     elif family == "gemma2":  # soft-capping (scores near the caps), alternating windows
         cfg = tf.Gemma2Config(
             **{**COMMON, "num_hidden_layers": 3},

@@ -1,8 +1,9 @@
 """Model configuration whose fields ARE the ``config.json`` keys.
 
 One dataclass covers the decoder-only families folklm implements (Llama 1/2/3.x, Mistral,
-Mixtral, Qwen2, Qwen3, Gemma 2, Gemma 3). Field names are exactly the Hugging Face ``config.json`` keys so a
-config round-trips without a translation table. Both spellings of the RoPE settings are accepted:
+Mixtral, Qwen2, Qwen3, Gemma 2, Gemma 3, Phi-3, OLMo 2). Field names are exactly the
+Hugging Face ``config.json`` keys so a config round-trips without a translation table.
+Both spellings of the RoPE settings are accepted:
 the classic ``rope_theta`` + ``rope_scaling`` and transformers 5's ``rope_parameters``
 (Gemma 3's per-layer-type ``rope_parameters`` become ``rope_theta``/``rope_scaling`` for the
 global layers and ``rope_local_base_freq`` for the sliding ones, transformers 4's spelling).
@@ -26,6 +27,8 @@ SUPPORTED_MODEL_TYPES = (
     "qwen3",
     "gemma2",
     "gemma3_text",
+    "phi3",
+    "olmo2",
 )
 # The feed-forward activations, by their transformers (``ACT2FN``) names.
 ACTIVATIONS = ("silu", "swish", "gelu_pytorch_tanh")
@@ -115,6 +118,11 @@ class ModelConfig:
                 f"unsupported activation {self.activation!r}; "
                 f"expected one of {', '.join(ACTIVATIONS)}"
             )
+        partial = self.extra.get("partial_rotary_factor")
+        if partial is not None and float(partial) != 1.0:
+            raise ConfigError(
+                f"partial rotary embeddings (partial_rotary_factor={partial}) are not supported"
+            )
         if self.layer_types is not None and len(self.layer_types) != self.num_hidden_layers:
             raise ConfigError(
                 f"layer_types has {len(self.layer_types)} entries for "
@@ -161,6 +169,8 @@ class ModelConfig:
         if rope_params:  # transformers >= 5 folds rope_theta into rope_parameters
             rope_params = dict(rope_params)
             d.setdefault("rope_theta", rope_params.pop("rope_theta", 10000.0))
+            if "partial_rotary_factor" in rope_params:
+                d.setdefault("partial_rotary_factor", rope_params.pop("partial_rotary_factor"))
             if rope_params.get("rope_type", "default") != "default":
                 d.setdefault("rope_scaling", rope_params)
         if d.get("dtype") and not d.get("torch_dtype"):

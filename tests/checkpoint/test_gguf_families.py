@@ -12,6 +12,7 @@ gguf-py's ``tensor_mapping.py``, not from folklm), and checks that:
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import gguf
@@ -51,7 +52,36 @@ GLOBAL = {
     "model.norm.weight": "output_norm.weight",
     "lm_head.weight": "output.weight",
 }
+FUSED = {  # Phi-3 (gguf-py: qkv_proj -> ATTN_QKV, gate_up_proj -> FFN_UP)
+    "self_attn.qkv_proj.weight": "attn_qkv.weight",
+    "mlp.gate_up_proj.weight": "ffn_up.weight",
+}
+OLMO2 = {  # norms after attention and feed-forward only
+    "post_attention_layernorm.weight": "post_attention_norm.weight",
+    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+}
+ARCH = {
+    "gemma2": "gemma2",
+    "gemma3": "gemma3",
+    "qwen3": "qwen3",
+    "phi3": "phi3",
+    "olmo2": "olmo2",
+    "mistral_nemo": "llama",  # llama.cpp writes Mistral as llama (q/k rows permuted)
+    "phi3_longrope": "phi3",  # rope_factors_long/short tensors + rope.scaling.attn_factor
+}
+# transformers' GGUF loader reads these architectures as llama.cpp writes them (it has no
+# OLMo 2 support and ignores attention.key_length for llama)
+TRANSFORMERS_READS = {"gemma2", "gemma3", "qwen3", "phi3"}
 VOCAB = 260
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """``LlamaModel.permute`` from llama.cpp's convert_hf_to_gguf.py."""
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 def tiny(family: str):
@@ -86,6 +116,32 @@ def tiny(family: str):
     elif family == "gemma2":  # transformers' GGUF loader: caps 50/30, scalar 256, 2-pattern
         cfg = tf.Gemma2Config(**common, num_hidden_layers=2, head_dim=256, sliding_window=6)
         model = tf.Gemma2ForCausalLM(cfg)
+    elif family == "phi3":
+        cfg = tf.Phi3Config(**common, num_hidden_layers=2, pad_token_id=0)
+        model = tf.Phi3ForCausalLM(cfg)
+    elif family == "phi3_longrope":  # 20 test tokens > original 16: the long factors
+        half = 16
+        rope = {
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "short_factor": (1 + torch.rand(half)).tolist(),
+            "long_factor": (1 + 8 * torch.rand(half)).tolist(),
+            "original_max_position_embeddings": 16,
+        }
+        cfg = tf.Phi3Config(
+            **{**common, "max_position_embeddings": 64},
+            num_hidden_layers=2,
+            pad_token_id=0,
+            rope_parameters=rope,
+            original_max_position_embeddings=16,
+        )
+        model = tf.Phi3ForCausalLM(cfg)
+    elif family == "olmo2":
+        cfg = tf.Olmo2Config(**common, num_hidden_layers=2, pad_token_id=0)
+        model = tf.Olmo2ForCausalLM(cfg)
+    elif family == "mistral_nemo":  # head_dim 48 != 64 / 2
+        cfg = tf.MistralConfig(**common, num_hidden_layers=2, head_dim=48)
+        model = tf.MistralForCausalLM(cfg)
     elif family == "qwen3":  # transformers' GGUF loader keeps Qwen3Config's head_dim of 128
         cfg = tf.Qwen3Config(**common, num_hidden_layers=2, head_dim=128, rope_theta=1e6)
         model = tf.Qwen3ForCausalLM(cfg)
@@ -101,7 +157,7 @@ def tiny(family: str):
 def write_gguf(path: Path, model, family: str) -> None:
     """What convert_hf_to_gguf.py writes (F32), metadata keys by gguf-py's writer."""
     cfg = model.config
-    arch = {"gemma2": "gemma2", "gemma3": "gemma3", "qwen3": "qwen3"}[family]
+    arch = ARCH[family]
     w = gguf.GGUFWriter(path, arch)
     w.add_name("tiny")
     w.add_license("apache-2.0")
@@ -112,12 +168,21 @@ def write_gguf(path: Path, model, family: str) -> None:
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_key_length(cfg.head_dim)
-    w.add_value_length(cfg.head_dim)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
     rope = cfg.rope_parameters
     w.add_rope_freq_base(rope.get("full_attention", rope)["rope_theta"])
     if family.startswith("gemma"):
         w.add_sliding_window(cfg.sliding_window)
+    if family == "phi3_longrope":  # Phi3MiniModel.set_gguf_parameters / generate_extra_tensors
+        original = rope["original_max_position_embeddings"]
+        scale = cfg.max_position_embeddings / original
+        w.add_rope_scaling_orig_ctx_len(original)
+        w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)))
+        w.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], np.float32))
+        w.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], np.float32))
     if family == "gemma2":  # gguf-py: Keys.LLM.ATTN_LOGIT_SOFTCAPPING, FINAL_LOGIT_SOFTCAPPING
         w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
         w.add_final_logit_softcapping(cfg.final_logit_softcapping)
@@ -132,13 +197,20 @@ def write_gguf(path: Path, model, family: str) -> None:
     w.add_token_merges(["h e", "Ġ t"])
     w.add_bos_token_id(258)
     w.add_eos_token_id(259)
-    names = {**(SANDWICH if family.startswith("gemma") else LLAMA_LIKE), **COMMON}
+    w.add_pad_token_id(0)
+    names = {**(SANDWICH if family.startswith("gemma") else LLAMA_LIKE), **COMMON, **FUSED}
+    if family == "olmo2":
+        names = {**COMMON, **OLMO2}
     for name, p in model.state_dict().items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         data = p.detach().float().numpy()
         if family.startswith("gemma") and name.endswith("norm.weight"):
             data = data + 1  # Gemma's converter stores the scale 1 + w
+        if arch == "llama" and "q_proj" in name:
+            data = llama_cpp_permute(data, cfg.num_attention_heads)
+        elif arch == "llama" and "k_proj" in name:
+            data = llama_cpp_permute(data, cfg.num_key_value_heads)
         if name in GLOBAL:
             gname = GLOBAL[name]
         else:
@@ -151,7 +223,7 @@ def write_gguf(path: Path, model, family: str) -> None:
     w.close()
 
 
-@pytest.mark.parametrize("family", ["gemma2", "gemma3", "qwen3"])
+@pytest.mark.parametrize("family", list(ARCH))
 def test_family_gguf_matches_transformers(tmp_path: Path, family: str) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -162,22 +234,24 @@ def test_family_gguf_matches_transformers(tmp_path: Path, family: str) -> None:
     ids = torch.randint(0, VOCAB, (2, 20))  # longer than the window of 6
     with torch.no_grad():
         ref = hf(ids).logits
-        theirs = (
-            AutoModelForCausalLM.from_pretrained(
-                str(tmp_path), gguf_file=path.name, dtype=torch.float32
-            )
-            .eval()(ids)
-            .logits
-        )
     assert ref.abs().max() > 1.0
-    torch.testing.assert_close(theirs, ref, atol=1e-4, rtol=1e-4)  # the file is right
+    if family in TRANSFORMERS_READS:  # the file is right: transformers rebuilds the model
+        theirs = AutoModelForCausalLM.from_pretrained(
+            str(tmp_path), gguf_file=path.name, dtype=torch.float32
+        ).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(theirs(ids).logits, ref, atol=1e-4, rtol=1e-4)
 
     llm = folklm.load(path, dtype="float32")
     with torch.no_grad():
         ours = llm.model(ids)
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
 
-    prompt = ids[0, :5].tolist()
+    # A longrope generation that crosses the original context makes transformers recompute
+    # its whole cache with the long factors (Phi3ForCausalLM.prepare_inputs_for_generation);
+    # folklm keeps the cached keys, so that case starts beyond the original context.
+    n = 18 if family == "phi3_longrope" else 5
+    prompt = ids[0, :n].tolist()
     got = generate(
         llm.model,
         llm.tokenizer,
@@ -191,5 +265,5 @@ def test_family_gguf_matches_transformers(tmp_path: Path, family: str) -> None:
         do_sample=False,
         eos_token_id=None,
         pad_token_id=0,
-    )[0, 5:].tolist()
+    )[0, n:].tolist()
     assert got[0].token_ids == want

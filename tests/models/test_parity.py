@@ -10,7 +10,19 @@ from folklm.cache import KVCache
 from folklm.engine.generate import generate
 from folklm.ops.sampling import SamplingParams
 
-FAMILIES = ["llama", "llama_tied", "mistral", "mixtral", "qwen2", "qwen3", "gemma2", "gemma3"]
+FAMILIES = [
+    "llama",
+    "llama_tied",
+    "mistral",
+    "mixtral",
+    "qwen2",
+    "qwen3",
+    "gemma2",
+    "gemma3",
+    "phi3",
+    "mistral_nemo",
+    "olmo2",
+]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -85,7 +85,28 @@ FAMILY_LAYER_NAMES: dict[str, dict[str, str]] = {
     "gemma2": _SANDWICH_NAMES,
     "gemma3_text": {**_SANDWICH_NAMES, **_QK_NORM_NAMES},
     "qwen3": {**_LAYER_NAMES, **_QK_NORM_NAMES},
+    # Phi-3 keeps q/k/v and gate/up fused; llama.cpp calls the fused gate/up ``ffn_up``
+    "phi3": {
+        **{g: hf for g, hf in _LAYER_NAMES.items() if "attn_" not in g and "ffn_" not in g},
+        "attn_norm.weight": "input_layernorm.weight",
+        "ffn_norm.weight": "post_attention_layernorm.weight",
+        "attn_qkv.weight": "self_attn.qkv_proj.weight",
+        "attn_output.weight": "self_attn.o_proj.weight",
+        "ffn_up.weight": "mlp.gate_up_proj.weight",
+        "ffn_down.weight": "mlp.down_proj.weight",
+    },
+    # OLMo 2: norms after attention and feed-forward only; q/k norms across all heads
+    "olmo2": {
+        **{
+            g: hf
+            for g, hf in _SANDWICH_NAMES.items()
+            if g not in ("attn_norm.weight", "ffn_norm.weight")
+        },
+        **_QK_NORM_NAMES,
+    },
 }
+# Families whose q/k norms span all heads (sized heads * head_dim, not head_dim).
+_QK_NORM_ACROSS_HEADS = {"olmo2"}
 # Gemma's converter stores its norm weights as ``1 + w`` (the scale they apply).
 _NORM_SHIFTED = {"gemma2", "gemma3_text"}
 _GLOBAL_NAMES = {
@@ -94,7 +115,9 @@ _GLOBAL_NAMES = {
     "output.weight": "lm_head.weight",
 }
 _EXPERT_NAMES = {"ffn_gate": "w1", "ffn_down": "w2", "ffn_up": "w3"}  # Mixtral's names
-_IGNORED = re.compile(r"rope_freqs\.weight|blk\.\d+\.attn_rot_embd\.weight")
+_IGNORED = re.compile(
+    r"rope_freqs\.weight|rope_factors_(long|short)\.weight|blk\.\d+\.attn_rot_embd\.weight"
+)
 _STACKED = re.compile(r"blk\.(\d+)\.(ffn_gate|ffn_up|ffn_down)_exps\.weight")
 _PER_EXPERT = re.compile(r"blk\.(\d+)\.(ffn_gate|ffn_up|ffn_down)\.(\d+)\.weight")
 _LAYER = re.compile(r"blk\.(\d+)\.(.+)")
@@ -303,11 +326,15 @@ def _expected_tensors(config: dict[str, Any], biases: bool) -> dict[str, tuple[i
             if f"{norm}.weight" in names:
                 out[f"{b}{norm}.weight"] = (hidden,)
         if "attn_q_norm.weight" in names:
-            out[b + "attn_q_norm.weight"] = (head_dim,)
-            out[b + "attn_k_norm.weight"] = (head_dim,)
-        out[b + "attn_q.weight"] = (q_rows, hidden)
-        out[b + "attn_k.weight"] = (kv_rows, hidden)
-        out[b + "attn_v.weight"] = (kv_rows, hidden)
+            across = config["model_type"] in _QK_NORM_ACROSS_HEADS
+            out[b + "attn_q_norm.weight"] = (q_rows if across else head_dim,)
+            out[b + "attn_k_norm.weight"] = (kv_rows if across else head_dim,)
+        if "attn_qkv.weight" in names:
+            out[b + "attn_qkv.weight"] = (q_rows + 2 * kv_rows, hidden)
+        else:
+            out[b + "attn_q.weight"] = (q_rows, hidden)
+            out[b + "attn_k.weight"] = (kv_rows, hidden)
+            out[b + "attn_v.weight"] = (kv_rows, hidden)
         out[b + "attn_output.weight"] = (hidden, q_rows)
         if biases:
             out[b + "attn_q.bias"] = (q_rows,)
@@ -320,6 +347,9 @@ def _expected_tensors(config: dict[str, Any], biases: bool) -> dict[str, tuple[i
             out[b + "ffn_gate_exps.weight"] = (experts, ff, hidden)
             out[b + "ffn_up_exps.weight"] = (experts, ff, hidden)
             out[b + "ffn_down_exps.weight"] = (experts, hidden, ff)
+        elif "ffn_gate.weight" not in names:  # fused gate/up (Phi-3)
+            out[b + "ffn_up.weight"] = (2 * ff, hidden)
+            out[b + "ffn_down.weight"] = (hidden, ff)
         else:
             out[b + "ffn_gate.weight"] = (ff, hidden)
             out[b + "ffn_up.weight"] = (ff, hidden)

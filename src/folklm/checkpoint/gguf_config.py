@@ -22,7 +22,7 @@ from gguf import GGMLQuantizationType
 
 from folklm.errors import CheckpointError
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2")
 # GGUF architecture -> Hugging Face model_type, where they differ
 MODEL_TYPES = {"gemma3": "gemma3_text"}
 
@@ -145,6 +145,18 @@ def _rope_scaling(
     kind = meta.get(f"{arch}.rope.scaling.type")
     factor = meta.get(f"{arch}.rope.scaling.factor") or meta.get(f"{arch}.rope.scale_linear")
     original = meta.get(f"{arch}.rope.scaling.original_context_length")
+    if "rope_factors_long.weight" in infos:  # Phi-3 longrope (convert_hf_to_gguf Phi3MiniModel)
+        factors = {}
+        for kind in ("long", "short"):
+            info = infos.get(f"rope_factors_{kind}.weight")
+            if info is None or info.tensor_type != GGMLQuantizationType.F32:
+                raise CheckpointError(f"{path}: rope_factors_{kind}.weight missing or not F32")
+            factors[f"{kind}_factor"] = [float(x) for x in np.asarray(info.data, np.float64)]
+        longrope: dict[str, Any] = {"rope_type": "longrope", **factors}
+        longrope["original_max_position_embeddings"] = int(original or 4096)
+        if (attn := meta.get(f"{arch}.rope.scaling.attn_factor")) is not None:
+            longrope["attention_factor"] = float(attn)
+        return longrope
     if "rope_freqs.weight" in infos:
         freqs = infos["rope_freqs.weight"]
         if freqs.tensor_type != GGMLQuantizationType.F32:

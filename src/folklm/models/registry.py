@@ -9,7 +9,7 @@ import torch
 
 from folklm.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from folklm.errors import ConfigError
-from folklm.models import gemma2, gemma3, llama, mixtral, qwen3
+from folklm.models import gemma2, gemma3, llama, mixtral, olmo2, phi3, qwen3
 
 BUILDERS: dict[str, Callable[[ModelConfig], llama.CausalLM]] = {
     "llama": llama.build,
@@ -19,6 +19,8 @@ BUILDERS: dict[str, Callable[[ModelConfig], llama.CausalLM]] = {
     "qwen3": qwen3.build,
     "gemma2": gemma2.build,
     "gemma3_text": gemma3.build,
+    "phi3": phi3.build,
+    "olmo2": olmo2.build,
 }
 assert set(BUILDERS) == set(SUPPORTED_MODEL_TYPES)
 
