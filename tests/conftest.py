@@ -66,6 +66,17 @@ def hf_model(family: str):
             layer_types=["full_attention", "sliding_attention"],
         )
         model = tf.Qwen3ForCausalLM(cfg)
+    elif family == "qwen3_moe":  # one dense layer, top-2 of 4 experts, renormalised
+        cfg = tf.Qwen3MoeConfig(
+            **COMMON,
+            head_dim=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            norm_topk_prob=True,
+            mlp_only_layers=[0],
+        )
+        model = tf.Qwen3MoeForCausalLM(cfg)
     elif family == "mistral_nemo":  # explicit head_dim != hidden / heads, no window
         model = tf.MistralForCausalLM(tf.MistralConfig(**COMMON, head_dim=24))
     elif family == "olmo2":

@@ -27,6 +27,7 @@ FAMILIES = [
     "phi3",
     "mistral_nemo",
     "olmo2",
+    "qwen3_moe",
 ]
 LENGTHS = [23, 15, 9]  # rows at different lengths
 

@@ -1,7 +1,7 @@
 """Model configuration whose fields ARE the ``config.json`` keys.
 
 One dataclass covers the decoder-only families folklm implements (Llama 1/2/3.x, Mistral,
-Mixtral, Qwen2, Qwen3, Gemma 2, Gemma 3, Phi-3, OLMo 2). Field names are exactly the
+Mixtral, Qwen2, Qwen3(-MoE), Gemma 2, Gemma 3, Phi-3, OLMo 2). Field names are exactly the
 Hugging Face ``config.json`` keys so a config round-trips without a translation table.
 Both spellings of the RoPE settings are accepted:
 the classic ``rope_theta`` + ``rope_scaling`` and transformers 5's ``rope_parameters``
@@ -25,6 +25,7 @@ SUPPORTED_MODEL_TYPES = (
     "mixtral",
     "qwen2",
     "qwen3",
+    "qwen3_moe",
     "gemma2",
     "gemma3_text",
     "phi3",
@@ -93,7 +94,7 @@ class ModelConfig:
             self.attention_bias = True
             if not self.use_sliding_window:
                 self.sliding_window = None
-        if self.model_type == "qwen3" and not self.use_sliding_window:
+        if self.model_type in ("qwen3", "qwen3_moe") and not self.use_sliding_window:
             self.sliding_window = None
         if self.model_type in ("gemma2", "gemma3_text"):  # transformers' config defaults
             self.hidden_activation = self.hidden_activation or "gelu_pytorch_tanh"

@@ -19,6 +19,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import folklm
 from folklm.engine.generate import generate
@@ -68,10 +69,11 @@ ARCH = {
     "olmo2": "olmo2",
     "mistral_nemo": "llama",  # llama.cpp writes Mistral as llama (q/k rows permuted)
     "phi3_longrope": "phi3",  # rope_factors_long/short tensors + rope.scaling.attn_factor
+    "qwen3_moe": "qwen3moe",  # stacked ffn_*_exps experts, expert_feed_forward_length
 }
 # transformers' GGUF loader reads these architectures as llama.cpp writes them (it has no
 # OLMo 2 support and ignores attention.key_length for llama)
-TRANSFORMERS_READS = {"gemma2", "gemma3", "qwen3", "phi3"}
+TRANSFORMERS_READS = {"gemma2", "gemma3", "qwen3", "phi3", "qwen3_moe"}
 VOCAB = 260
 
 
@@ -136,6 +138,17 @@ def tiny(family: str):
             original_max_position_embeddings=16,
         )
         model = tf.Phi3ForCausalLM(cfg)
+    elif family == "qwen3_moe":  # transformers' GGUF loader keeps the default expert width 768
+        cfg = tf.Qwen3MoeConfig(
+            **common,
+            num_hidden_layers=2,
+            head_dim=32,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=768,
+            norm_topk_prob=True,
+        )
+        model = tf.Qwen3MoeForCausalLM(cfg)
     elif family == "olmo2":
         cfg = tf.Olmo2Config(**common, num_hidden_layers=2, pad_token_id=0)
         model = tf.Olmo2ForCausalLM(cfg)
@@ -198,10 +211,31 @@ def write_gguf(path: Path, model, family: str) -> None:
     w.add_bos_token_id(258)
     w.add_eos_token_id(259)
     w.add_pad_token_id(0)
+    if family == "qwen3_moe":  # LLM_KV_EXPERT_* keys; experts stacked per layer
+        w.add_expert_count(cfg.num_experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+        # the checkpoint layout (one tensor per expert), not transformers' fused in-memory one
+        model.save_pretrained(path.parent / "hf")
+        state = load_file(path.parent / "hf" / "model.safetensors")
+        for i in range(cfg.num_hidden_layers):
+            p = f"model.layers.{i}.mlp."
+            w.add_tensor(f"blk.{i}.ffn_gate_inp.weight", state[p + "gate.weight"].float().numpy())
+            for hf_kind, g_kind in (
+                ("gate_proj", "gate"),
+                ("up_proj", "up"),
+                ("down_proj", "down"),
+            ):
+                stack = torch.stack(
+                    [state[f"{p}experts.{e}.{hf_kind}.weight"] for e in range(cfg.num_experts)]
+                )
+                w.add_tensor(f"blk.{i}.ffn_{g_kind}_exps.weight", stack.float().numpy())
     names = {**(SANDWICH if family.startswith("gemma") else LLAMA_LIKE), **COMMON, **FUSED}
     if family == "olmo2":
         names = {**COMMON, **OLMO2}
     for name, p in model.state_dict().items():
+        if family == "qwen3_moe" and ".mlp." in name:  # written stacked above
+            continue
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         data = p.detach().float().numpy()

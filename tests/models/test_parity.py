@@ -22,6 +22,7 @@ FAMILIES = [
     "phi3",
     "mistral_nemo",
     "olmo2",
+    "qwen3_moe",
 ]
 
 

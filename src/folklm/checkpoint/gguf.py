@@ -85,6 +85,7 @@ FAMILY_LAYER_NAMES: dict[str, dict[str, str]] = {
     "gemma2": _SANDWICH_NAMES,
     "gemma3_text": {**_SANDWICH_NAMES, **_QK_NORM_NAMES},
     "qwen3": {**_LAYER_NAMES, **_QK_NORM_NAMES},
+    "qwen3_moe": {**_LAYER_NAMES, **_QK_NORM_NAMES, "ffn_gate_inp.weight": "mlp.gate.weight"},
     # Phi-3 keeps q/k/v and gate/up fused; llama.cpp calls the fused gate/up ``ffn_up``
     "phi3": {
         **{g: hf for g, hf in _LAYER_NAMES.items() if "attn_" not in g and "ffn_" not in g},
@@ -115,6 +116,17 @@ _GLOBAL_NAMES = {
     "output.weight": "lm_head.weight",
 }
 _EXPERT_NAMES = {"ffn_gate": "w1", "ffn_down": "w2", "ffn_up": "w3"}  # Mixtral's names
+# Qwen3-MoE's experts are SwiGLU MLPs under ``mlp.experts.E``
+_MLP_EXPERT_NAMES = {"ffn_gate": "gate_proj", "ffn_down": "down_proj", "ffn_up": "up_proj"}
+
+
+def _expert_name(model_type: str, layer: str, expert: int | str, kind: str) -> str:
+    """HF name of expert ``expert``'s ``kind`` (ffn_gate/up/down) weight in ``layer``."""
+    if model_type == "qwen3_moe":
+        return f"model.layers.{layer}.mlp.experts.{expert}.{_MLP_EXPERT_NAMES[kind]}.weight"
+    return f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{_EXPERT_NAMES[kind]}.weight"
+
+
 _IGNORED = re.compile(
     r"rope_freqs\.weight|rope_factors_(long|short)\.weight|blk\.\d+\.attn_rot_embd\.weight"
 )
@@ -210,10 +222,8 @@ def read_gguf(
                 tensors[hf] = torch.empty(t.shape, dtype=dtype, device="meta")
     for name, w in _in_parallel(decode, plan):
         if m := _STACKED.fullmatch(name):
-            layer, kind = m.group(1), _EXPERT_NAMES[m.group(2)]
-            prefix = f"model.layers.{layer}.block_sparse_moe.experts"
             for e in range(w.shape[0]):
-                tensors[f"{prefix}.{e}.{kind}.weight"] = w[e]
+                tensors[_expert_name(model_type, m.group(1), e, m.group(2))] = w[e]
         else:
             tensors[_hf_name(name, model_type)] = w
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
@@ -239,10 +249,9 @@ def _kept(
     """(HF name, blocks) of one quantized GGUF tensor, split per expert when stacked."""
     t = GGUFTensor.from_bytes(info.data, info.tensor_type, (prod(shape[:-1]), shape[-1]))
     if m := _STACKED.fullmatch(name):
-        layer, kind = m.group(1), _EXPERT_NAMES[m.group(2)]
         rows = shape[1]
         for e in range(shape[0]):
-            hf = f"model.layers.{layer}.block_sparse_moe.experts.{e}.{kind}.weight"
+            hf = _expert_name(model_type, m.group(1), e, m.group(2))
             yield hf, t.rows(e * rows, (e + 1) * rows)
         return
     if permute and (proj := name.rsplit(".", 2)[-2]) in n_heads:
@@ -299,7 +308,7 @@ def _hf_name(gguf_name: str, model_type: str = "llama") -> str:
         return _GLOBAL_NAMES[gguf_name]
     if m := _PER_EXPERT.fullmatch(gguf_name):
         layer, kind, e = m.groups()
-        return f"model.layers.{layer}.block_sparse_moe.experts.{e}.{_EXPERT_NAMES[kind]}.weight"
+        return _expert_name(model_type, layer, e, kind)
     if (m := _LAYER.fullmatch(gguf_name)) and m.group(2) in names:
         return f"model.layers.{m.group(1)}.{names[m.group(2)]}"
     raise CheckpointError(f"GGUF tensor {gguf_name!r} has no Hugging Face name")
@@ -313,6 +322,8 @@ def _expected_tensors(config: dict[str, Any], biases: bool) -> dict[str, tuple[i
     kv_rows = config["num_key_value_heads"] * head_dim
     ff = config["intermediate_size"]
     experts = config.get("num_local_experts") or 0
+    if experts and config.get("moe_intermediate_size"):  # Qwen3-MoE: experts narrower
+        ff = config["moe_intermediate_size"]
     names = FAMILY_LAYER_NAMES.get(config["model_type"], _LAYER_NAMES)
     out: dict[str, tuple[int, ...]] = {
         "token_embd.weight": (vocab, hidden),

@@ -22,9 +22,18 @@ from gguf import GGMLQuantizationType
 
 from folklm.errors import CheckpointError
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2")
+SUPPORTED_ARCHITECTURES = (
+    "llama",
+    "qwen2",
+    "qwen3",
+    "qwen3moe",
+    "gemma2",
+    "gemma3",
+    "phi3",
+    "olmo2",
+)
 # GGUF architecture -> Hugging Face model_type, where they differ
-MODEL_TYPES = {"gemma3": "gemma3_text"}
+MODEL_TYPES = {"gemma3": "gemma3_text", "qwen3moe": "qwen3_moe"}
 
 
 def config_from_metadata(path: Path, meta: dict[str, Any], infos: dict[str, Any]) -> dict[str, Any]:
@@ -94,13 +103,16 @@ def config_from_metadata(path: Path, meta: dict[str, Any], infos: dict[str, Any]
     )
     if (window := get("attention.sliding_window", None)) is not None:
         config["sliding_window"] = int(window)
-        if arch in ("qwen2", "qwen3"):
+        if arch in ("qwen2", "qwen3", "qwen3moe"):
             config["use_sliding_window"] = True
     if model_type in ("gemma2", "gemma3_text"):
         config.update(_gemma(path, meta, arch, config, head_dim or hidden // n_head))
     if experts:
         config["num_local_experts"] = experts
         config["num_experts_per_tok"] = int(get("expert_used_count"))
+    if model_type == "qwen3_moe":  # llama.cpp renormalises the top-k weights (norm_w)
+        config["moe_intermediate_size"] = int(get("expert_feed_forward_length"))
+        config["norm_topk_prob"] = True
     config.update(generation_config(meta))
     return config
 

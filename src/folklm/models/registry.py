@@ -9,7 +9,7 @@ import torch
 
 from folklm.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from folklm.errors import ConfigError
-from folklm.models import gemma2, gemma3, llama, mixtral, olmo2, phi3, qwen3
+from folklm.models import gemma2, gemma3, llama, mixtral, olmo2, phi3, qwen3, qwen3_moe
 
 BUILDERS: dict[str, Callable[[ModelConfig], llama.CausalLM]] = {
     "llama": llama.build,
@@ -17,6 +17,7 @@ BUILDERS: dict[str, Callable[[ModelConfig], llama.CausalLM]] = {
     "qwen2": llama.build,
     "mixtral": mixtral.build,
     "qwen3": qwen3.build,
+    "qwen3_moe": qwen3_moe.build,
     "gemma2": gemma2.build,
     "gemma3_text": gemma3.build,
     "phi3": phi3.build,
