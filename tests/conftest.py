@@ -34,9 +34,12 @@ COMMON = dict(
 )
 
 
-def hf_model(family: str):
-    """A tiny random transformers model of ``family`` (eval mode, float32)."""
+def hf_model(family: str, **overrides):
+    """A tiny random transformers model of ``family`` (eval mode, float32); ``overrides``
+    replace entries of ``COMMON`` (a real tokenizer's vocabulary size, special ids)."""
     import transformers as tf
+
+    c = {**COMMON, **overrides}
 
     if family == "llama":  # Llama 3.1 style: llama3 rope scaling, large theta
         scaling = {
@@ -46,20 +49,20 @@ def hf_model(family: str):
             "high_freq_factor": 4.0,
             "original_max_position_embeddings": 16,
         }
-        cfg = tf.LlamaConfig(**COMMON, rope_scaling=scaling, rope_theta=500000.0)
+        cfg = tf.LlamaConfig(**c, rope_scaling=scaling, rope_theta=500000.0)
         model = tf.LlamaForCausalLM(cfg)
     elif family == "llama_tied":  # Llama 3.2 style: tied embeddings
-        model = tf.LlamaForCausalLM(tf.LlamaConfig(**COMMON, tie_word_embeddings=True))
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**c, tie_word_embeddings=True))
     elif family == "mistral":  # window shorter than the test sequences
-        model = tf.MistralForCausalLM(tf.MistralConfig(**COMMON, sliding_window=6))
+        model = tf.MistralForCausalLM(tf.MistralConfig(**c, sliding_window=6))
     elif family == "mixtral":
-        cfg = tf.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2)
+        cfg = tf.MixtralConfig(**c, num_local_experts=4, num_experts_per_tok=2)
         model = tf.MixtralForCausalLM(cfg)
     elif family == "qwen2":
-        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**COMMON))
+        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**c))
     elif family == "qwen3":  # q/k norms, explicit head_dim, a window on the last layer
         cfg = tf.Qwen3Config(
-            **COMMON,
+            **c,
             head_dim=24,
             use_sliding_window=True,
             sliding_window=6,
@@ -68,7 +71,7 @@ def hf_model(family: str):
         model = tf.Qwen3ForCausalLM(cfg)
     elif family == "qwen3_moe":  # one dense layer, top-2 of 4 experts, renormalised
         cfg = tf.Qwen3MoeConfig(
-            **COMMON,
+            **c,
             head_dim=16,
             num_experts=4,
             num_experts_per_tok=2,
@@ -78,15 +81,15 @@ def hf_model(family: str):
         )
         model = tf.Qwen3MoeForCausalLM(cfg)
     elif family == "mistral_nemo":  # explicit head_dim != hidden / heads, no window
-        model = tf.MistralForCausalLM(tf.MistralConfig(**COMMON, head_dim=24))
+        model = tf.MistralForCausalLM(tf.MistralConfig(**c, head_dim=24))
     elif family == "olmo2":
-        model = tf.Olmo2ForCausalLM(tf.Olmo2Config(**COMMON, pad_token_id=0, eos_token_id=2))
+        model = tf.Olmo2ForCausalLM(tf.Olmo2Config(**{"pad_token_id": 0, "eos_token_id": 2, **c}))
     elif family == "phi3":  # fused qkv and gate_up; window on every layer
-        cfg = tf.Phi3Config(**COMMON, sliding_window=6, pad_token_id=0, eos_token_id=2)
+        cfg = tf.Phi3Config(**{"pad_token_id": 0, "eos_token_id": 2, **c}, sliding_window=6)
         model = tf.Phi3ForCausalLM(cfg)
     elif family == "gemma2":  # soft-capping (scores near the caps), alternating windows
         cfg = tf.Gemma2Config(
-            **{**COMMON, "num_hidden_layers": 3},
+            **{**c, "num_hidden_layers": 3},
             head_dim=16,
             sliding_window=6,
             query_pre_attn_scalar=24,
@@ -100,7 +103,7 @@ def hf_model(family: str):
             "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
         }
         cfg = tf.Gemma3TextConfig(
-            **{**COMMON, "num_hidden_layers": 3},
+            **{**c, "num_hidden_layers": 3},
             head_dim=16,
             sliding_window=6,
             layer_types=["sliding_attention", "full_attention", "sliding_attention"],
@@ -252,8 +255,8 @@ def bpe_models(tmp_path_factory):
             elif family == "mixtral":
                 cfg = tf.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2)
                 model = tf.MixtralForCausalLM(cfg)
-            else:
-                raise ValueError(family)
+            else:  # the newer families, as in the parity tests
+                model = hf_model(family, vocab_size=vocab, bos_token_id=0, eos_token_id=2)
             model.eval().save_pretrained(folder)
             cache[family] = folder
         return cache[family]
