@@ -76,8 +76,11 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
+            hint = ""
+            if self.model_type == "gemma3":  # Gemma3ForConditionalGeneration
+                hint = " (Gemma 3 with its vision tower: only the text model, gemma3_text, runs)"
             raise ConfigError(
-                f"unsupported model_type {self.model_type!r}; "
+                f"unsupported model_type {self.model_type!r}{hint}; "
                 f"folklm supports: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
         if self.num_key_value_heads is None:

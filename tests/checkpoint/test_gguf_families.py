@@ -301,3 +301,24 @@ def test_family_gguf_matches_transformers(tmp_path: Path, family: str) -> None:
         pad_token_id=0,
     )[0, n:].tolist()
     assert got[0].token_ids == want
+
+
+@pytest.mark.parametrize(
+    "model_type, words",
+    [
+        ("falcon", ["'falcon'"]),
+        ("gemma3", ["'gemma3'", "vision tower", "gemma3_text"]),
+    ],
+)
+def test_unsupported_model_type_refused_in_one_line(tmp_path: Path, model_type, words) -> None:
+    import json
+
+    from clitest import assert_one_line_error, folk
+
+    hf = tiny("qwen3")
+    hf.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["model_type"] = model_type
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    supported = "llama, mistral, mixtral, qwen2, qwen3, qwen3_moe, gemma2, gemma3_text, phi3, olmo2"
+    assert_one_line_error(folk("run", str(tmp_path), "hello"), *words, supported)
