@@ -7,11 +7,22 @@ shorter than the longest test sequence, so that both sides of the switch are exe
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
-from conftest import COMMON, write_tiny_tokenizer
 
 import folklm
+
+COMMON = dict(  # as tests/conftest.py's tiny models
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    initializer_range=0.2,
+)
 
 
 def scaled_model(kind: str):
@@ -44,11 +55,13 @@ def scaled_model(kind: str):
 
 
 @pytest.mark.parametrize("kind", ["yarn", "longrope", "dynamic"])
-def test_scaled_rope_logits_match_transformers(tmp_path, kind: str) -> None:
+def test_scaled_rope_logits_match_transformers(tiny_models, tmp_path, kind: str) -> None:
     torch.manual_seed(11)
     hf = scaled_model(kind).eval()
     hf.save_pretrained(tmp_path)
-    write_tiny_tokenizer(tmp_path)
+    _, tiny = tiny_models("llama")  # its word-level tokenizer (same vocabulary size)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny / name, tmp_path / name)
     llm = folklm.load(tmp_path, dtype="float32")
     assert llm.config.rope_type == kind
     for T in (12, 40):  # within and beyond the original context of 16
