@@ -34,9 +34,18 @@ COMMON = dict(
 )
 
 
-def hf_model(family: str):
-    """A tiny random transformers model of ``family`` (eval mode, float32)."""
+# The newer families (more norms, some stored as offsets from one) get random norm weights, so a
+# mixed-up norm cannot hide behind its initial value; the older ones keep the models (and the
+# random stream) other tests were written against.
+NORMS_PERTURBED = {"qwen3", "qwen3_moe", "gemma2", "gemma3", "phi3", "olmo2", "mistral_nemo"}
+
+
+def hf_model(family: str, **overrides):
+    """A tiny random transformers model of ``family`` (eval mode, float32); ``overrides``
+    replace entries of ``COMMON`` (a real tokenizer's vocabulary size, special ids)."""
     import transformers as tf
+
+    c = {**COMMON, **overrides}
 
     if family == "llama":  # Llama 3.1 style: llama3 rope scaling, large theta
         scaling = {
@@ -46,19 +55,75 @@ def hf_model(family: str):
             "high_freq_factor": 4.0,
             "original_max_position_embeddings": 16,
         }
-        cfg = tf.LlamaConfig(**COMMON, rope_scaling=scaling, rope_theta=500000.0)
+        cfg = tf.LlamaConfig(**c, rope_scaling=scaling, rope_theta=500000.0)
         model = tf.LlamaForCausalLM(cfg)
     elif family == "llama_tied":  # Llama 3.2 style: tied embeddings
-        model = tf.LlamaForCausalLM(tf.LlamaConfig(**COMMON, tie_word_embeddings=True))
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**c, tie_word_embeddings=True))
     elif family == "mistral":  # window shorter than the test sequences
-        model = tf.MistralForCausalLM(tf.MistralConfig(**COMMON, sliding_window=6))
+        model = tf.MistralForCausalLM(tf.MistralConfig(**c, sliding_window=6))
     elif family == "mixtral":
-        cfg = tf.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2)
+        cfg = tf.MixtralConfig(**c, num_local_experts=4, num_experts_per_tok=2)
         model = tf.MixtralForCausalLM(cfg)
     elif family == "qwen2":
-        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**COMMON))
+        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**c))
+    elif family == "qwen3":  # q/k norms, explicit head_dim, a window on the last layer
+        cfg = tf.Qwen3Config(
+            **c,
+            head_dim=24,
+            use_sliding_window=True,
+            sliding_window=6,
+            layer_types=["full_attention", "sliding_attention"],
+        )
+        model = tf.Qwen3ForCausalLM(cfg)
+    elif family == "qwen3_moe":  # one dense layer, top-2 of 4 experts, renormalised
+        cfg = tf.Qwen3MoeConfig(
+            **c,
+            head_dim=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            norm_topk_prob=True,
+            mlp_only_layers=[0],
+        )
+        model = tf.Qwen3MoeForCausalLM(cfg)
+    elif family == "mistral_nemo":  # explicit head_dim != hidden / heads, no window
+        model = tf.MistralForCausalLM(tf.MistralConfig(**c, head_dim=24))
+    elif family == "olmo2":
+        model = tf.Olmo2ForCausalLM(tf.Olmo2Config(**{"pad_token_id": 0, "eos_token_id": 2, **c}))
+    elif family == "phi3":  # fused qkv and gate_up; window on every layer
+        cfg = tf.Phi3Config(**{"pad_token_id": 0, "eos_token_id": 2, **c}, sliding_window=6)
+        model = tf.Phi3ForCausalLM(cfg)
+    elif family == "gemma2":  # soft-capping (scores near the caps), alternating windows
+        cfg = tf.Gemma2Config(
+            **{**c, "num_hidden_layers": 3},
+            head_dim=16,
+            sliding_window=6,
+            query_pre_attn_scalar=24,
+            attn_logit_softcapping=3.0,
+            final_logit_softcapping=5.0,
+        )
+        model = tf.Gemma2ForCausalLM(cfg)
+    elif family == "gemma3":  # local/global layers, two RoPE bases, scaled global RoPE
+        rope = {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+        }
+        cfg = tf.Gemma3TextConfig(
+            **{**c, "num_hidden_layers": 3},
+            head_dim=16,
+            sliding_window=6,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters=rope,
+            query_pre_attn_scalar=24,
+        )
+        model = tf.Gemma3ForCausalLM(cfg)
     else:
         raise ValueError(family)
+    if family in NORMS_PERTURBED:
+        with torch.no_grad():  # norms away from their init (ones, or zeros as Gemma's offsets)
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.add_(torch.randn_like(p) * 0.3)
     return model.eval()
 
 
@@ -197,8 +262,8 @@ def bpe_models(tmp_path_factory):
             elif family == "mixtral":
                 cfg = tf.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2)
                 model = tf.MixtralForCausalLM(cfg)
-            else:
-                raise ValueError(family)
+            else:  # the newer families, as in the parity tests
+                model = hf_model(family, vocab_size=vocab, bos_token_id=0, eos_token_id=2)
             model.eval().save_pretrained(folder)
             cache[family] = folder
         return cache[family]

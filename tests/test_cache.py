@@ -16,7 +16,19 @@ import folklm
 from folklm.cache import Cache, KVCache
 from folklm.engine.slots import SlotCache
 
-FAMILIES = ["llama", "mistral", "mixtral", "qwen2"]
+FAMILIES = [
+    "llama",
+    "mistral",
+    "mixtral",
+    "qwen2",
+    "qwen3",
+    "gemma2",
+    "gemma3",
+    "phi3",
+    "mistral_nemo",
+    "olmo2",
+    "qwen3_moe",
+]
 LENGTHS = [23, 15, 9]  # rows at different lengths
 
 

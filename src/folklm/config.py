@@ -1,9 +1,12 @@
 """Model configuration whose fields ARE the ``config.json`` keys.
 
 One dataclass covers the decoder-only families folklm implements (Llama 1/2/3.x, Mistral,
-Mixtral, Qwen2). Field names are exactly the Hugging Face ``config.json`` keys so a config
-round-trips without a translation table. Both spellings of the RoPE settings are accepted:
-the classic ``rope_theta`` + ``rope_scaling`` and transformers 5's ``rope_parameters``.
+Mixtral, Qwen2, Qwen3(-MoE), Gemma 2, Gemma 3, Phi-3, OLMo 2). Field names are exactly the
+Hugging Face ``config.json`` keys so a config round-trips without a translation table.
+Both spellings of the RoPE settings are accepted:
+the classic ``rope_theta`` + ``rope_scaling`` and transformers 5's ``rope_parameters``
+(Gemma 3's per-layer-type ``rope_parameters`` become ``rope_theta``/``rope_scaling`` for the
+global layers and ``rope_local_base_freq`` for the sliding ones, transformers 4's spelling).
 """
 
 from __future__ import annotations
@@ -16,7 +19,20 @@ from typing import Any
 
 from folklm.errors import ConfigError
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2")
+SUPPORTED_MODEL_TYPES = (
+    "llama",
+    "mistral",
+    "mixtral",
+    "qwen2",
+    "qwen3",
+    "qwen3_moe",
+    "gemma2",
+    "gemma3_text",
+    "phi3",
+    "olmo2",
+)
+# The feed-forward activations, by their transformers (``ACT2FN``) names.
+ACTIVATIONS = ("silu", "swish", "gelu_pytorch_tanh")
 
 
 @dataclass
@@ -40,9 +56,17 @@ class ModelConfig:
     attention_bias: bool = False
     mlp_bias: bool = False
     sliding_window: int | None = None
-    use_sliding_window: bool | None = None  # qwen2 only: the window is ignored unless True
+    use_sliding_window: bool | None = None  # qwen2/3: the window is ignored unless True
     num_local_experts: int | None = None  # mixtral
     num_experts_per_tok: int | None = None  # mixtral
+    # Gemma 2/3: activation name, attention scale 1/sqrt(query_pre_attn_scalar), tanh caps,
+    # per-layer attention kinds, the RoPE base of the sliding layers
+    hidden_activation: str | None = None
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    layer_types: list[str] | None = None
+    rope_local_base_freq: float | None = None
     bos_token_id: int | list[int] | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
@@ -52,8 +76,11 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
+            hint = ""
+            if self.model_type == "gemma3":  # Gemma3ForConditionalGeneration
+                hint = " (Gemma 3 with its vision tower: only the text model, gemma3_text, runs)"
             raise ConfigError(
-                f"unsupported model_type {self.model_type!r}; "
+                f"unsupported model_type {self.model_type!r}{hint}; "
                 f"folklm supports: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
         if self.num_key_value_heads is None:
@@ -70,12 +97,46 @@ class ModelConfig:
             self.attention_bias = True
             if not self.use_sliding_window:
                 self.sliding_window = None
+        if self.model_type in ("qwen3", "qwen3_moe") and not self.use_sliding_window:
+            self.sliding_window = None
+        if self.model_type in ("gemma2", "gemma3_text"):  # transformers' config defaults
+            self.hidden_activation = self.hidden_activation or "gelu_pytorch_tanh"
+            if self.query_pre_attn_scalar is None:
+                self.query_pre_attn_scalar = 256
+        if self.model_type == "gemma3_text" and self.rope_local_base_freq is None:
+            self.rope_local_base_freq = 10000.0
+        if self.model_type in ("gemma2", "gemma3_text") and self.layer_types is None:
+            # every sliding_window_pattern-th layer is global (Gemma 2: 2, Gemma 3: 6)
+            default = 2 if self.model_type == "gemma2" else 6
+            every = int(self.extra.get("sliding_window_pattern", default))
+            self.layer_types = [
+                "full_attention" if (i + 1) % every == 0 else "sliding_attention"
+                for i in range(self.num_hidden_layers)
+            ]
         if self.model_type == "mixtral" and not (
             self.num_local_experts and self.num_experts_per_tok
         ):
             raise ConfigError("mixtral config needs num_local_experts and num_experts_per_tok")
-        if self.hidden_act not in ("silu", "swish"):
-            raise ConfigError(f"unsupported hidden_act {self.hidden_act!r}; expected 'silu'")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(
+                f"unsupported activation {self.activation!r}; "
+                f"expected one of {', '.join(ACTIVATIONS)}"
+            )
+        partial = self.extra.get("partial_rotary_factor")
+        if partial is not None and float(partial) != 1.0:
+            raise ConfigError(
+                f"partial rotary embeddings (partial_rotary_factor={partial}) are not supported"
+            )
+        if self.layer_types is not None and len(self.layer_types) != self.num_hidden_layers:
+            raise ConfigError(
+                f"layer_types has {len(self.layer_types)} entries for "
+                f"{self.num_hidden_layers} layers"
+            )
+
+    @property
+    def activation(self) -> str:
+        """The feed-forward activation: Gemma names it ``hidden_activation``."""
+        return self.hidden_activation or self.hidden_act
 
     @property
     def kv_heads(self) -> int:
@@ -102,9 +163,18 @@ class ModelConfig:
         if "model_type" not in d:
             raise ConfigError("config has no 'model_type' field")
         rope_params = d.pop("rope_parameters", None)
+        if rope_params and "full_attention" in rope_params:  # one set per layer type (Gemma 3)
+            local = dict(rope_params.get("sliding_attention") or {})
+            if local.get("rope_type", "default") != "default":
+                raise ConfigError("RoPE scaling on sliding-window layers is not supported")
+            if "rope_theta" in local:
+                d.setdefault("rope_local_base_freq", local["rope_theta"])
+            rope_params = rope_params["full_attention"]
         if rope_params:  # transformers >= 5 folds rope_theta into rope_parameters
             rope_params = dict(rope_params)
             d.setdefault("rope_theta", rope_params.pop("rope_theta", 10000.0))
+            if "partial_rotary_factor" in rope_params:
+                d.setdefault("partial_rotary_factor", rope_params.pop("partial_rotary_factor"))
             if rope_params.get("rope_type", "default") != "default":
                 d.setdefault("rope_scaling", rope_params)
         if d.get("dtype") and not d.get("torch_dtype"):

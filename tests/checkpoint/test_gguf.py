@@ -554,8 +554,10 @@ def test_error_shape_mismatch(tmp_path: Path, seed: int) -> None:
 
 def test_error_unsupported_architecture(tmp_path: Path, seed: int) -> None:
     path = tmp_path / "m.gguf"
-    write_tiny(path, np.random.default_rng(seed), arch="phi3")
-    check_error(path, "unsupported architecture 'phi3'", "llama", "qwen2")
+    write_tiny(path, np.random.default_rng(seed), arch="falcon")
+    check_error(
+        path, "unsupported architecture 'falcon'", "llama", "qwen2", "qwen3", "gemma3", "phi3"
+    )
 
 
 def test_error_unsupported_quant_type(tmp_path: Path, seed: int) -> None:

@@ -10,14 +10,27 @@ from folklm.cache import KVCache
 from folklm.engine.generate import generate
 from folklm.ops.sampling import SamplingParams
 
-FAMILIES = ["llama", "llama_tied", "mistral", "mixtral", "qwen2"]
+FAMILIES = [
+    "llama",
+    "llama_tied",
+    "mistral",
+    "mixtral",
+    "qwen2",
+    "qwen3",
+    "gemma2",
+    "gemma3",
+    "phi3",
+    "mistral_nemo",
+    "olmo2",
+    "qwen3_moe",
+]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_match_transformers(tiny_models, family):
     hf, folder = tiny_models(family)
     llm = folklm.load(folder, dtype="float32")
-    ids = torch.randint(3, 128, (3, 20))  # 20 > mistral's window of 6
+    ids = torch.randint(3, 128, (3, 20))  # 20 > the windows of 6 (mistral, gemma)
     with torch.no_grad():
         ref = hf(ids).logits
         ours = llm.model(ids)

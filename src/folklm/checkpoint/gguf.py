@@ -68,13 +68,68 @@ _LAYER_NAMES = {
     "ffn_down.weight": "mlp.down_proj.weight",
     "ffn_gate_inp.weight": "block_sparse_moe.gate.weight",
 }
+# Gemma 2/3 (and OLMo 2) keep a norm after attention and around the feed-forward; llama.cpp
+# calls the one before the feed-forward ``ffn_norm`` in every family.
+_SANDWICH_NAMES = {
+    **{g: hf for g, hf in _LAYER_NAMES.items() if g != "ffn_norm.weight"},
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+}
+_QK_NORM_NAMES = {
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+}
+# model_type -> GGUF name inside ``blk.N.`` -> HF name inside ``model.layers.N.``
+FAMILY_LAYER_NAMES: dict[str, dict[str, str]] = {
+    "gemma2": _SANDWICH_NAMES,
+    "gemma3_text": {**_SANDWICH_NAMES, **_QK_NORM_NAMES},
+    "qwen3": {**_LAYER_NAMES, **_QK_NORM_NAMES},
+    "qwen3_moe": {**_LAYER_NAMES, **_QK_NORM_NAMES, "ffn_gate_inp.weight": "mlp.gate.weight"},
+    # Phi-3 keeps q/k/v and gate/up fused; llama.cpp calls the fused gate/up ``ffn_up``
+    "phi3": {
+        **{g: hf for g, hf in _LAYER_NAMES.items() if "attn_" not in g and "ffn_" not in g},
+        "attn_norm.weight": "input_layernorm.weight",
+        "ffn_norm.weight": "post_attention_layernorm.weight",
+        "attn_qkv.weight": "self_attn.qkv_proj.weight",
+        "attn_output.weight": "self_attn.o_proj.weight",
+        "ffn_up.weight": "mlp.gate_up_proj.weight",
+        "ffn_down.weight": "mlp.down_proj.weight",
+    },
+    # OLMo 2: norms after attention and feed-forward only; q/k norms across all heads
+    "olmo2": {
+        **{
+            g: hf
+            for g, hf in _SANDWICH_NAMES.items()
+            if g not in ("attn_norm.weight", "ffn_norm.weight")
+        },
+        **_QK_NORM_NAMES,
+    },
+}
+# Families whose q/k norms span all heads (sized heads * head_dim, not head_dim).
+_QK_NORM_ACROSS_HEADS = {"olmo2"}
+# Gemma's converter stores its norm weights as ``1 + w`` (the scale they apply).
+_NORM_SHIFTED = {"gemma2", "gemma3_text"}
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
 _EXPERT_NAMES = {"ffn_gate": "w1", "ffn_down": "w2", "ffn_up": "w3"}  # Mixtral's names
-_IGNORED = re.compile(r"rope_freqs\.weight|blk\.\d+\.attn_rot_embd\.weight")
+# Qwen3-MoE's experts are SwiGLU MLPs under ``mlp.experts.E``
+_MLP_EXPERT_NAMES = {"ffn_gate": "gate_proj", "ffn_down": "down_proj", "ffn_up": "up_proj"}
+
+
+def _expert_name(model_type: str, layer: str, expert: int | str, kind: str) -> str:
+    """HF name of expert ``expert``'s ``kind`` (ffn_gate/up/down) weight in ``layer``."""
+    if model_type == "qwen3_moe":
+        return f"model.layers.{layer}.mlp.experts.{expert}.{_MLP_EXPERT_NAMES[kind]}.weight"
+    return f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{_EXPERT_NAMES[kind]}.weight"
+
+
+_IGNORED = re.compile(
+    r"rope_freqs\.weight|rope_factors_(long|short)\.weight|blk\.\d+\.attn_rot_embd\.weight"
+)
 _STACKED = re.compile(r"blk\.(\d+)\.(ffn_gate|ffn_up|ffn_down)_exps\.weight")
 _PER_EXPERT = re.compile(r"blk\.(\d+)\.(ffn_gate|ffn_up|ffn_down)\.(\d+)\.weight")
 _LAYER = re.compile(r"blk\.(\d+)\.(.+)")
@@ -85,7 +140,7 @@ class GGUFCheckpoint:
     """A GGUF file in Hugging Face terms.
 
     Attributes:
-        config: ``config.json``-style dict (``model_type`` llama, mixtral or qwen2).
+        config: ``config.json``-style dict (a ``model_type`` of ``models.registry``).
         tensors: HF parameter name -> tensor in the requested dtype (no ``lm_head.weight``
             when the embeddings are tied).
         tokenizer: the tokenizer rebuilt from the file's metadata.
@@ -144,11 +199,15 @@ def read_gguf(
 
     permute = meta["general.architecture"] == "llama"
     n_heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+    model_type = config["model_type"]
+    shifted = model_type in _NORM_SHIFTED
 
     def decode(name: str, info: Any, shape: tuple[int, ...]) -> torch.Tensor:
         w = dequantize(info.data, info.tensor_type, shape)
         if permute and (proj := name.rsplit(".", 2)[-2]) in n_heads:
             w = unpermute_rope(w, n_heads[proj])
+        if shifted and name.endswith("norm.weight"):
+            w = w - 1
         return w.to(dtype)
 
     tensors: dict[str, torch.Tensor] = {}
@@ -158,17 +217,15 @@ def read_gguf(
             if len(shape) < 2 or info.tensor_type not in QUANTIZED_BLOCKS:
                 continue
             del plan[name]
-            for hf, t in _kept(name, info, shape, permute, n_heads):
+            for hf, t in _kept(name, info, shape, permute, n_heads, model_type):
                 quantized[hf] = t
                 tensors[hf] = torch.empty(t.shape, dtype=dtype, device="meta")
     for name, w in _in_parallel(decode, plan):
         if m := _STACKED.fullmatch(name):
-            layer, kind = m.group(1), _EXPERT_NAMES[m.group(2)]
-            prefix = f"model.layers.{layer}.block_sparse_moe.experts"
             for e in range(w.shape[0]):
-                tensors[f"{prefix}.{e}.{kind}.weight"] = w[e]
+                tensors[_expert_name(model_type, m.group(1), e, m.group(2))] = w[e]
         else:
-            tensors[_hf_name(name)] = w
+            tensors[_hf_name(name, model_type)] = w
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     return GGUFCheckpoint(
         config=config,
@@ -182,21 +239,25 @@ def read_gguf(
 
 
 def _kept(
-    name: str, info: Any, shape: tuple[int, ...], permute: bool, n_heads: dict[str, int]
+    name: str,
+    info: Any,
+    shape: tuple[int, ...],
+    permute: bool,
+    n_heads: dict[str, int],
+    model_type: str,
 ) -> Iterator[tuple[str, GGUFTensor]]:
     """(HF name, blocks) of one quantized GGUF tensor, split per expert when stacked."""
     t = GGUFTensor.from_bytes(info.data, info.tensor_type, (prod(shape[:-1]), shape[-1]))
     if m := _STACKED.fullmatch(name):
-        layer, kind = m.group(1), _EXPERT_NAMES[m.group(2)]
         rows = shape[1]
         for e in range(shape[0]):
-            hf = f"model.layers.{layer}.block_sparse_moe.experts.{e}.{kind}.weight"
+            hf = _expert_name(model_type, m.group(1), e, m.group(2))
             yield hf, t.rows(e * rows, (e + 1) * rows)
         return
     if permute and (proj := name.rsplit(".", 2)[-2]) in n_heads:
         # Blocks lie within rows, so undoing the RoPE permutation is a row order (exact).
         t.order = unpermute_rope(torch.arange(shape[0]), n_heads[proj]).contiguous()
-    yield _hf_name(name), t
+    yield _hf_name(name, model_type), t
 
 
 def _in_parallel(
@@ -240,15 +301,16 @@ def _tokenizer(path: Path, meta: dict[str, Any]) -> tuple[Tokenizer, dict[str, A
         raise CheckpointError(f"{path}: {e}") from None
 
 
-def _hf_name(gguf_name: str) -> str:
+def _hf_name(gguf_name: str, model_type: str = "llama") -> str:
     """The HF name of a non-stacked GGUF tensor (one of ``_expected_tensors``)."""
+    names = FAMILY_LAYER_NAMES.get(model_type, _LAYER_NAMES)
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     if m := _PER_EXPERT.fullmatch(gguf_name):
         layer, kind, e = m.groups()
-        return f"model.layers.{layer}.block_sparse_moe.experts.{e}.{_EXPERT_NAMES[kind]}.weight"
-    if (m := _LAYER.fullmatch(gguf_name)) and m.group(2) in _LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+        return _expert_name(model_type, layer, e, kind)
+    if (m := _LAYER.fullmatch(gguf_name)) and m.group(2) in names:
+        return f"model.layers.{m.group(1)}.{names[m.group(2)]}"
     raise CheckpointError(f"GGUF tensor {gguf_name!r} has no Hugging Face name")
 
 
@@ -260,6 +322,9 @@ def _expected_tensors(config: dict[str, Any], biases: bool) -> dict[str, tuple[i
     kv_rows = config["num_key_value_heads"] * head_dim
     ff = config["intermediate_size"]
     experts = config.get("num_local_experts") or 0
+    if experts and config.get("moe_intermediate_size"):  # Qwen3-MoE: experts narrower
+        ff = config["moe_intermediate_size"]
+    names = FAMILY_LAYER_NAMES.get(config["model_type"], _LAYER_NAMES)
     out: dict[str, tuple[int, ...]] = {
         "token_embd.weight": (vocab, hidden),
         "output_norm.weight": (hidden,),
@@ -268,11 +333,19 @@ def _expected_tensors(config: dict[str, Any], biases: bool) -> dict[str, tuple[i
         out["output.weight"] = (vocab, hidden)
     for i in range(config["num_hidden_layers"]):
         b = f"blk.{i}."
-        out[b + "attn_norm.weight"] = (hidden,)
-        out[b + "ffn_norm.weight"] = (hidden,)
-        out[b + "attn_q.weight"] = (q_rows, hidden)
-        out[b + "attn_k.weight"] = (kv_rows, hidden)
-        out[b + "attn_v.weight"] = (kv_rows, hidden)
+        for norm in ("attn_norm", "ffn_norm", "post_attention_norm", "post_ffw_norm"):
+            if f"{norm}.weight" in names:
+                out[f"{b}{norm}.weight"] = (hidden,)
+        if "attn_q_norm.weight" in names:
+            across = config["model_type"] in _QK_NORM_ACROSS_HEADS
+            out[b + "attn_q_norm.weight"] = (q_rows if across else head_dim,)
+            out[b + "attn_k_norm.weight"] = (kv_rows if across else head_dim,)
+        if "attn_qkv.weight" in names:
+            out[b + "attn_qkv.weight"] = (q_rows + 2 * kv_rows, hidden)
+        else:
+            out[b + "attn_q.weight"] = (q_rows, hidden)
+            out[b + "attn_k.weight"] = (kv_rows, hidden)
+            out[b + "attn_v.weight"] = (kv_rows, hidden)
         out[b + "attn_output.weight"] = (hidden, q_rows)
         if biases:
             out[b + "attn_q.bias"] = (q_rows,)
@@ -285,6 +358,9 @@ def _expected_tensors(config: dict[str, Any], biases: bool) -> dict[str, tuple[i
             out[b + "ffn_gate_exps.weight"] = (experts, ff, hidden)
             out[b + "ffn_up_exps.weight"] = (experts, ff, hidden)
             out[b + "ffn_down_exps.weight"] = (experts, hidden, ff)
+        elif "ffn_gate.weight" not in names:  # fused gate/up (Phi-3)
+            out[b + "ffn_up.weight"] = (2 * ff, hidden)
+            out[b + "ffn_down.weight"] = (hidden, ff)
         else:
             out[b + "ffn_gate.weight"] = (ff, hidden)
             out[b + "ffn_up.weight"] = (ff, hidden)

@@ -22,7 +22,18 @@ from gguf import GGMLQuantizationType
 
 from folklm.errors import CheckpointError
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+SUPPORTED_ARCHITECTURES = (
+    "llama",
+    "qwen2",
+    "qwen3",
+    "qwen3moe",
+    "gemma2",
+    "gemma3",
+    "phi3",
+    "olmo2",
+)
+# GGUF architecture -> Hugging Face model_type, where they differ
+MODEL_TYPES = {"gemma3": "gemma3_text", "qwen3moe": "qwen3_moe"}
 
 
 def config_from_metadata(path: Path, meta: dict[str, Any], infos: dict[str, Any]) -> dict[str, Any]:
@@ -52,6 +63,8 @@ def config_from_metadata(path: Path, meta: dict[str, Any], infos: dict[str, Any]
             raise CheckpointError(f"{path}: per-layer '{arch}.{key}' is not supported")
         return value
 
+    model_type = MODEL_TYPES.get(arch, arch)
+
     hidden = int(get("embedding_length"))
     n_head = int(get("attention.head_count"))
     head_dim = int(get("attention.key_length", 0) or get("rope.dimension_count", 0) or 0)
@@ -68,7 +81,7 @@ def config_from_metadata(path: Path, meta: dict[str, Any], infos: dict[str, Any]
     theta = float(get("rope.freq_base", 10000.0))
     experts = int(get("expert_count", 0) or 0)
     config: dict[str, Any] = {
-        "model_type": "mixtral" if arch == "llama" and experts else arch,
+        "model_type": "mixtral" if arch == "llama" and experts else model_type,
         "vocab_size": int(vocab),
         "hidden_size": hidden,
         "intermediate_size": int(get("feed_forward_length")),
@@ -90,13 +103,52 @@ def config_from_metadata(path: Path, meta: dict[str, Any], infos: dict[str, Any]
     )
     if (window := get("attention.sliding_window", None)) is not None:
         config["sliding_window"] = int(window)
-        if arch == "qwen2":
+        if arch in ("qwen2", "qwen3", "qwen3moe"):
             config["use_sliding_window"] = True
+    if model_type in ("gemma2", "gemma3_text"):
+        config.update(_gemma(path, meta, arch, config, head_dim or hidden // n_head))
     if experts:
         config["num_local_experts"] = experts
         config["num_experts_per_tok"] = int(get("expert_used_count"))
+    if model_type == "qwen3_moe":  # llama.cpp renormalises the top-k weights (norm_w)
+        config["moe_intermediate_size"] = int(get("expert_feed_forward_length"))
+        config["norm_topk_prob"] = True
     config.update(generation_config(meta))
     return config
+
+
+def _gemma(path: Path, meta: dict, arch: str, config: dict, head_dim: int) -> dict[str, Any]:
+    """What llama.cpp hard-codes for Gemma 2 and 3 (``llama_model::load_hparams``) as config
+    keys: every 2nd (Gemma 2) or 6th (Gemma 3) layer global, Gemma 3's local RoPE base 10k,
+    queries scaled by ``1/sqrt(head_dim)`` (``hidden/heads`` for the 27B models), GeGLU;
+    Gemma 2's soft-capping values are keys of the file."""
+    n_layers = config["num_hidden_layers"]
+    gemma3 = arch == "gemma3"
+    pattern = meta.get(f"{arch}.attention.sliding_window_pattern", 6 if gemma3 else 2)
+    if isinstance(pattern, list):  # one flag per layer: True = sliding
+        if len(pattern) != n_layers:
+            raise CheckpointError(
+                f"{path}: '{arch}.attention.sliding_window_pattern' has {len(pattern)} "
+                f"entries for {n_layers} layers"
+            )
+        sliding = [bool(p) for p in pattern]
+    else:
+        sliding = [(i + 1) % int(pattern) != 0 for i in range(n_layers)]
+    big = n_layers == (62 if gemma3 else 46)  # the 27B models
+    scalar = config["hidden_size"] // config["num_attention_heads"] if big else head_dim
+    out: dict[str, Any] = {
+        "hidden_act": "gelu_pytorch_tanh",
+        "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": scalar,
+        "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
+        "attention_bias": False,
+    }
+    if gemma3:
+        out["rope_local_base_freq"] = float(meta.get(f"{arch}.rope.freq_base_swa", 10000.0))
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if (cap := meta.get(f"{arch}.{key}")) is not None:
+            out[key] = float(cap)
+    return out
 
 
 def _rope_scaling(
@@ -105,6 +157,18 @@ def _rope_scaling(
     kind = meta.get(f"{arch}.rope.scaling.type")
     factor = meta.get(f"{arch}.rope.scaling.factor") or meta.get(f"{arch}.rope.scale_linear")
     original = meta.get(f"{arch}.rope.scaling.original_context_length")
+    if "rope_factors_long.weight" in infos:  # Phi-3 longrope (convert_hf_to_gguf Phi3MiniModel)
+        factors = {}
+        for kind in ("long", "short"):
+            info = infos.get(f"rope_factors_{kind}.weight")
+            if info is None or info.tensor_type != GGMLQuantizationType.F32:
+                raise CheckpointError(f"{path}: rope_factors_{kind}.weight missing or not F32")
+            factors[f"{kind}_factor"] = [float(x) for x in np.asarray(info.data, np.float64)]
+        longrope: dict[str, Any] = {"rope_type": "longrope", **factors}
+        longrope["original_max_position_embeddings"] = int(original or 4096)
+        if (attn := meta.get(f"{arch}.rope.scaling.attn_factor")) is not None:
+            longrope["attention_factor"] = float(attn)
+        return longrope
     if "rope_freqs.weight" in infos:
         freqs = infos["rope_freqs.weight"]
         if freqs.tensor_type != GGMLQuantizationType.F32:

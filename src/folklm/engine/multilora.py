@@ -117,6 +117,9 @@ class MultiLoRA:
         for parent_name, parent in list(model.named_modules()):
             for child_name, child in list(parent.named_children()):
                 names = FUSED.get(child_name, (child_name,) if child_name in TARGETS else ())
+                parts = getattr(child, "parts", None)  # engine.fast.PackedLinear's
+                if len(names) > 1 and (parts is None or len(parts) != len(names)):
+                    names = (child_name,)  # fused in the checkpoint itself (Phi-3's qkv_proj)
                 if not names or not hasattr(child, "in_features"):
                     continue
                 prefix = f"{parent_name}." if parent_name else ""

@@ -9,6 +9,8 @@ Names follow the Hugging Face checkpoint: ``block_sparse_moe.gate`` (router) and
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,21 +33,33 @@ class Expert(nn.Module):
 
 
 class SparseMoE(nn.Module):
-    def __init__(self, config: ModelConfig):
+    """Top-k routing over ``n_experts`` feed-forwards; the kept softmax weights are
+    renormalised to sum to one when ``normalize`` (Mixtral always; Qwen3-MoE per config)."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        n_experts: int | None = None,
+        make_expert: Callable[[ModelConfig], nn.Module] = Expert,
+        normalize: bool = True,
+    ):
         super().__init__()
-        n_experts, top_k = config.num_local_experts, config.num_experts_per_tok
+        n_experts, top_k = n_experts or config.num_local_experts, config.num_experts_per_tok
         if not (n_experts and top_k):  # ModelConfig checks this for model_type "mixtral"
             raise ConfigError("mixtral config needs num_local_experts and num_experts_per_tok")
         self.top_k = top_k
+        self.normalize = normalize
         self.gate = nn.Linear(config.hidden_size, n_experts, bias=False)
-        self.experts = nn.ModuleList(Expert(config) for _ in range(n_experts))
+        self.experts = nn.ModuleList(make_expert(config) for _ in range(n_experts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         x = x.reshape(B * T, C)  # (N, C): route every token independently
         probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)  # (N, E)
         weights, chosen = probs.topk(self.top_k, dim=-1)  # (N, k)
-        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+        if self.normalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights.to(x.dtype)
         out = torch.zeros_like(x)
         for e in chosen.unique().tolist():
             token_idx, slot = (chosen == e).nonzero(as_tuple=True)  # tokens routed to e

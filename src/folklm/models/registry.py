@@ -9,13 +9,19 @@ import torch
 
 from folklm.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from folklm.errors import ConfigError
-from folklm.models import llama, mixtral
+from folklm.models import gemma2, gemma3, llama, mixtral, olmo2, phi3, qwen3, qwen3_moe
 
 BUILDERS: dict[str, Callable[[ModelConfig], llama.CausalLM]] = {
     "llama": llama.build,
     "mistral": llama.build,
     "qwen2": llama.build,
     "mixtral": mixtral.build,
+    "qwen3": qwen3.build,
+    "qwen3_moe": qwen3_moe.build,
+    "gemma2": gemma2.build,
+    "gemma3_text": gemma3.build,
+    "phi3": phi3.build,
+    "olmo2": olmo2.build,
 }
 assert set(BUILDERS) == set(SUPPORTED_MODEL_TYPES)
 

@@ -69,6 +69,9 @@ def attention(
     k: torch.Tensor,
     v: torch.Tensor,
     mask: torch.Tensor | None,
+    *,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """SDPA with grouped-query attention: q (B, H, T, D), k/v (B, H_kv, S, D) -> (B, H, T, D).
 
@@ -77,18 +80,52 @@ def attention(
     Query head h reads kv head ``h // n_rep`` (the grouping of HF's ``repeat_kv``). For a
     single decode token the n_rep query heads of a group are stacked as n_rep "positions"
     of one head, so no copy of the cache is made to repeat it.
+
+    ``scale`` replaces ``1/sqrt(D)`` (Gemma: ``query_pre_attn_scalar``); ``softcap`` caps the
+    scores at ``softcap * tanh(score / softcap)`` before the mask (Gemma 2), which SDPA
+    cannot do, so that case runs the explicit softmax.
     """
+    if softcap is not None:
+        return _capped_attention(q, k, v, mask, scale, softcap)
     B, H, T, D = q.shape
     n_rep = H // k.shape[1]
     if T == 1 and n_rep > 1:
         q = q.reshape(B, k.shape[1], n_rep, D)  # (B, H_kv, n_rep, D)
         if mask is not None:
             mask = mask.reshape(mask.shape[0], 1, 1, mask.shape[-1])  # (B, 1, 1, S)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         return y.reshape(B, H, 1, D)
     S = k.shape[2]
     if mask is None and 1 < T < S:  # a chunk after cached keys: causal, aligned at the end
         mask = build_mask(S - T, T, S)
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=n_rep > 1
+        q,
+        k,
+        v,
+        attn_mask=mask,
+        is_causal=mask is None and T > 1,
+        enable_gqa=n_rep > 1,
+        scale=scale,
     )
+
+
+def _capped_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float | None,
+    softcap: float,
+) -> torch.Tensor:
+    """Attention with tanh-capped scores, in transformers' eager order (Gemma 2)."""
+    B, H, T, D = q.shape
+    S, n_rep = k.shape[2], H // k.shape[1]
+    if n_rep > 1:
+        k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * (scale if scale is not None else D**-0.5)
+    scores = torch.tanh(scores / softcap) * softcap  # (B, H, T, S)
+    if mask is None:  # causal, the T queries being the last T keys
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return probs @ v
