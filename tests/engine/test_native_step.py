@@ -55,6 +55,30 @@ def test_every_step_matches_transformers(tiny_models, family: str) -> None:
     assert step.calls - before == STEPS
 
 
+def test_yarn_rope_scaling_matches_transformers(tmp_path) -> None:
+    """yarn multiplies cos/sin by its attention factor: the step carries it (rope_mult)."""
+    import transformers as tf
+
+    from tests.conftest import COMMON, write_tiny_tokenizer
+
+    torch.manual_seed(7)
+    scaling = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+    hf = tf.LlamaForCausalLM(tf.LlamaConfig(**COMMON, rope_scaling=scaling)).eval()
+    hf.save_pretrained(tmp_path)
+    write_tiny_tokenizer(tmp_path)
+    llm = folklm.load(tmp_path, dtype="float32")
+    runner, step = _runner(llm)
+    assert step._model.rope_mult != 1.0
+    seq = [5, 17, 3]
+    ids, cache = runner.static_cache([seq], 3 + 20, 0)
+    with torch.inference_mode():
+        logits = runner.run(ids, cache)
+        for _ in range(20):  # past the original context of 16
+            seq.append(int(logits.argmax(-1)))
+            logits = runner.run(torch.tensor([[seq[-1]]]), cache)
+            _close(logits[0], hf(torch.tensor([seq])).logits[0, -1], 1e-4)
+
+
 def test_padded_batch_matches_transformers_row_by_row(tiny_models) -> None:
     hf, folder = tiny_models("mistral")  # the window matters once rows pass 6 tokens
     llm = folklm.load(folder, dtype="float32")

@@ -151,11 +151,11 @@ class NativeStep:
             if type(attn) is not Attention or attn.qkv_proj is not None:
                 raise Unsupported(f"layer {i}'s attention is not the plain Llama attention")
             # a scale or logit cap of its own (Gemma) is not what the C step computes
-            if getattr(attn, "scale", None) is not None or getattr(attn, "softcap", None):
+            if attn.scale is not None or attn.softcap is not None:
                 raise Unsupported(f"layer {i}'s attention scale or soft-cap")
             if type(mlp) is not MLP or mlp.gate_up_proj is not None:
                 raise Unsupported(f"layer {i}'s MLP is not a plain SwiGLU MLP")
-            if getattr(mlp, "act", F.silu) is not F.silu:
+            if mlp.act is not F.silu:
                 raise Unsupported(f"layer {i}'s MLP activation is not SiLU")
             s = structs[i]
             for slot, module in (
@@ -175,9 +175,9 @@ class NativeStep:
         rotary = model.model.rotary_emb
         if type(rotary) is not RotaryEmbedding:
             raise Unsupported(f"rotary embedding {type(rotary).__name__}")
-        if getattr(rotary, "by_length", False):  # longrope / dynamic: per-call frequencies
+        if rotary.by_length:  # longrope / dynamic: per-call frequencies
             raise Unsupported("RoPE frequencies that depend on the sequence length")
-        if getattr(c, "final_logit_softcapping", None) is not None:
+        if c.final_logit_softcapping is not None:
             raise Unsupported("final logit soft-capping")
         inv_freq = self._floats(rotary.inv_freq)
         m = _Model(
@@ -189,7 +189,7 @@ class NativeStep:
             ffn=c.intermediate_size,
             vocab=c.vocab_size,
             eps=c.rms_norm_eps,
-            rope_mult=float(getattr(rotary, "scaling", 1.0)),  # yarn's cos/sin factor
+            rope_mult=float(rotary.scaling),  # yarn's cos/sin factor
             inv_freq=inv_freq,
             embed=self._embedding(model.model.embed_tokens),
             head=self._linear(model.lm_head, "lm_head"),
