@@ -64,7 +64,7 @@ def run_folklm(model: str, batches: dict, lr: float) -> tuple[list[float], list[
     from folklm.tune.recipe import Recipe
     from folklm.tune.run import prepare_model
 
-    llm = folklm.load(model, fast=False)
+    llm = folklm.load(model, dtype="float32", fast=False)  # the default is bf16 on bf16 CPUs
     recipe = Recipe(lora_rank=8, lora_alpha=16, target_modules=TARGETS)
     torch.manual_seed(0)
     prepare_model(llm, recipe, None)

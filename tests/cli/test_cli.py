@@ -24,6 +24,7 @@ def test_run_streams_text_and_json(tiny_models):
         assert out[key] > 0
 
 
+@pytest.mark.slow  # several folk run subprocesses
 def test_run_stop_string_and_seed(tiny_models):
     _, folder = tiny_models("qwen2")
     base = folk("run", str(folder), "t9 t3", "-n", "8", "--no-chat", "--json")

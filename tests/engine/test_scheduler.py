@@ -62,6 +62,7 @@ PROMPTS = [
 LENGTHS = [12, 3, 8, 10, 2, 6, 5, 2]
 
 
+@pytest.mark.slow  # 8 requests each decoded alone, then batched
 def test_batch_of_8_equals_alone_and_finishes_out_of_order(serving_llm):
     llm = serving_llm
     ids = [llm.encode_prompt(p) for p in PROMPTS]
