@@ -221,7 +221,7 @@ def test_5_non_streaming_disconnect_cancels_and_choices_are_capped(server, victi
 
 
 def test_6_embeddings_share_the_engine(server, victim):
-    """8 x 500 tokens froze a stream for 21 s; now chunks of 128 tokens, a few per decode
+    """8 x 500 tokens froze a stream for 21 s; now chunks of 64 tokens, one per decode
     step (this model's context is 256 tokens: 16 x 250)."""
     inputs = [[5 + (i + k) % 300 for k in range(250)] for i in range(16)]
     r = httpx.post(

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -249,6 +250,7 @@ class Engine:
             self.tokenizer, self.eos, self.vocab, self.stats, self.observers
         )
         self.lora = lora
+        self._job_debt = 0.0  # seconds jobs ran beyond the decode steps' time since
         self._grammars: GrammarCache | None = None
         self._grammars_lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="folk-engine", daemon=True)
@@ -301,9 +303,11 @@ class Engine:
         """Run ``fn`` on the engine thread between steps (embeddings, adapter loads).
 
         ``tokens`` is what the job feeds the model. Between two decode steps the jobs run
-        within a budget -- ``max_prefill_tokens``, a quarter of it while sequences are
-        running, at least one job -- so a burst of them (an embeddings request of many
-        long inputs, in chunks) cannot stall the running streams."""
+        within a budget -- ``max_prefill_tokens``, a sixteenth of it while sequences are
+        running, at least one job -- and, while sequences are running, only when the
+        jobs' time so far does not exceed the decode steps' (a deficit counter), so a
+        burst of them (an embeddings request of many long inputs, in chunks) takes at most
+        about half of the engine's time from the running streams."""
         with self._cv:
             self.jobs.append(Job(fn, done, tokens))
             self._cv.notify()
@@ -359,16 +363,25 @@ class Engine:
                 if self._stop:
                     break
                 jobs: list[Job] = []
-                budget = self.max_prefill_tokens // (4 if self.running else 1)
-                while self.jobs and (not jobs or self.jobs[0].tokens <= budget):
+                budget = self.max_prefill_tokens // (16 if self.running else 1)
+                if not self.running:
+                    self._job_debt = 0.0
+                while (
+                    self.jobs
+                    and self._job_debt <= 0
+                    and (not jobs or self.jobs[0].tokens <= budget)
+                ):
                     jobs.append(self.jobs.popleft())
                     budget -= jobs[-1].tokens
+            t = time.perf_counter()
             for job in jobs:
                 try:
                     result, error = job.fn(), None
                 except BaseException as exc:  # noqa: BLE001 - handed to the caller
                     result, error = None, exc
                 job.done(result, error)
+            if jobs and self.running:  # time-fair: jobs wait while they owe decode time
+                self._job_debt += time.perf_counter() - t
             try:
                 with torch.inference_mode():
                     self.scheduler.drop_cancelled()
@@ -412,6 +425,13 @@ class Engine:
             self._finish(seq, reason)
 
     def _decode_step(self) -> None:
+        t = time.perf_counter()
+        try:
+            self._decode_rows()
+        finally:
+            self._job_debt = max(0.0, self._job_debt - (time.perf_counter() - t))
+
+    def _decode_rows(self) -> None:
         seqs = list(self.running)
         rows = [s.slot for s in seqs]
         view = self.cache.decode_view(rows)

@@ -21,7 +21,7 @@ from folklm.serve.protocol import EmbeddingRequest
 from folklm.serve.runner import ServedModel
 
 MAX_INPUTS = 256
-CHUNK = 128  # tokens per engine job
+CHUNK = 64  # tokens per engine job
 
 
 async def create(body: EmbeddingRequest, served: ServedModel) -> JSONResponse:
