@@ -115,7 +115,9 @@ CHILD = """
 import json, sys, time, torch, folklm
 from folklm.engine.fast import pack_linears
 torch.set_num_threads(int(sys.argv[3]))
-llm = folklm.load(sys.argv[1], fast=sys.argv[2] == "quantized")
+# float32 on both sides: the dequantized side is the "fp32" of the table (the default dtype
+# would be bfloat16 on CPUs with native bf16)
+llm = folklm.load(sys.argv[1], dtype="float32", fast=sys.argv[2] == "quantized")
 if sys.argv[2] != "quantized":
     pack_linears(llm.model)
 prompt = "Write a short story about a lighthouse keeper who finds a message in a bottle."
