@@ -161,10 +161,32 @@ def test_bad_input_gives_one_line_errors(tiny_models):
     quantize(llm, "int8", progress=False)
     msg = _one_line_error(lambda: quantize(llm, "int4-g32", progress=False))
     assert "already quantized" in msg
-    packed = folklm.load(folder, dtype="float32")  # fast=True: packed, fused layers
+    _, moe_folder = tiny_models("mixtral")  # not a native-step family: packed, fused layers
+    packed = folklm.load(moe_folder, dtype="float32")
     msg = _one_line_error(lambda: quantize(packed, "int8", progress=False))
     assert "fast=False" in msg
     msg = _one_line_error(
         lambda: quantized_state_dict(folklm.load(folder, fast=False, dtype="float32"))
     )
     assert "not quantized" in msg
+
+
+def test_quantizing_a_fast_loaded_model_rebuilds_its_native_step(tiny_models):
+    """A Llama-family model loaded with fast=True keeps plain linears (the native decode step
+    reads them in place); quantizing it swaps them, and the next decode step must read the
+    int8 layers, not the float weights it was built on."""
+    from folklm.engine import native_step
+
+    _, folder = tiny_models("llama")
+    fast = folklm.load(folder, dtype="float32")
+    old = native_step.for_model(fast.model)
+    assert old is not None
+    quantize(fast, "int8", progress=False)
+    assert not old.current()
+    new = native_step.for_model(fast.model)
+    assert new is not None and new is not old
+    plain = folklm.load(folder, fast=False, dtype="float32")
+    quantize(plain, "int8", progress=False)  # the PyTorch step on the same grid
+    a = fast.generate("t5 t6 t7", max_new_tokens=12, temperature=0, chat=False, ignore_eos=True)
+    b = plain.generate("t5 t6 t7", max_new_tokens=12, temperature=0, chat=False, ignore_eos=True)
+    assert new.calls > 0 and a.token_ids == b.token_ids

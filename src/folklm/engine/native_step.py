@@ -199,6 +199,10 @@ class NativeStep:
         if rotary.inv_freq.numel() * 2 != c.head_size:
             raise Unsupported("partial rotary embeddings")
         self._model = m
+        # what the step read, to notice a module swapped afterwards (quantize, merge, adapters)
+        self._parts = [(parent, name, child) for parent in model.modules()
+                       for name, child in parent._modules.items()]  # fmt: skip
+        self._params = [(m, name, p) for m in model.modules() for name, p in m._parameters.items()]
         # the hook tables of every module the step bypasses (dicts, checked for emptiness)
         mods = list(model.modules())
         self._hook_tables = [m._forward_hooks for m in mods] + [m._forward_pre_hooks for m in mods]
@@ -316,6 +320,13 @@ class NativeStep:
             return True
         return any(self._hook_tables)
 
+    def current(self) -> bool:
+        """Whether every module and parameter the step read is still in place (a model that
+        was quantized, merged into or re-assigned since needs a new step)."""
+        return all(p._modules.get(n) is c for p, n, c in self._parts) and all(
+            m._parameters.get(n) is t for m, n, t in self._params
+        )
+
     def accepts(self, cache: Cache) -> bool:
         return isinstance(cache, KVCache | SlotDecode) and cache.k[0].dtype in (
             torch.float32,
@@ -398,8 +409,12 @@ def enable(model: nn.Module) -> NativeStep | None:
 
 
 def for_model(model: nn.Module) -> NativeStep | None:
-    """The step :func:`enable` built for ``model`` (None if it was never enabled)."""
-    return _STEPS.get(model)
+    """The step :func:`enable` built for ``model`` (None if it was never enabled), rebuilt
+    when a module or parameter it read has been replaced since (None if it no longer fits)."""
+    step = _STEPS.get(model)
+    if step is not None and not step.current():
+        step = enable(model)
+    return step
 
 
 def supported_families() -> Sequence[str]:

@@ -56,6 +56,8 @@ class ModelRunner:
         ``adapters``: the ``MultiLoRA`` index of each row (0 = the base model).
         """
         step = self.native
+        if step is not None and not step.current():  # the model changed since: a new step
+            step = self.native = native_step.for_model(self.model)
         if (
             step is not None
             and not all_logits

@@ -11,7 +11,9 @@ Schemes: ``int8`` (per-channel symmetric), ``int4-g{32,64,128}`` (group-wise asy
 round to nearest), ``nf4`` (QLoRA's NormalFloat with double-quantized constants),
 ``gptq-int4[-g{32,64,128}]`` (GPTQ, group 128 by default; needs calibration text).
 Quantize a model loaded with ``folklm.load(..., fast=False)``: ``fast=True`` packs and
-fuses its linears for inference, and packed layers cannot be quantized.
+fuses the linears of a model the native decode step does not take, and packed layers cannot
+be quantized (a Llama-family model keeps plain linears; its native step is rebuilt on the
+quantized layers at the next decode step).
 """
 
 from __future__ import annotations
