@@ -17,7 +17,9 @@ RSS is its own, VmHWM); the model loads before any timer; one warm-up call; then
 ``time.perf_counter()`` around a 1-new-token call (= prefill) and around a 128-new-token call
 (= total); prefill tok/s = 128 / prefill, decode tok/s = 127 / (total - prefill). Both sides
 get the same token ids; transformers computes the LM head for the last position only
-(``logits_to_keep=1``). Rounds are interleaved across the engines of one precision; the
+(``logits_to_keep=1``). Rounds are interleaved across the engines of one precision, in an
+order that rotates every round (the first call after another engine's run finds cold
+caches and sleeping threads, and costs up to 3x; no engine should always pay it); the
 median round is reported. llama.cpp is timed by its own ``llama-bench -t THREADS -p 128 -n
 128 -r 1`` (one process per round; it uses its own token ids and decodes from an empty
 cache, a slightly easier test). Cold start: ``folk run --json`` on the default model.
@@ -335,14 +337,21 @@ def main() -> None:
             for lab, kind, tgt, dt, extra in py
         ]
         lruns: dict[str, list[dict]] = {str(g): [] for _, g in ll}
-        for _ in range(args.rounds):
-            for e in engines:
-                e.round()
-            for _, g in ll if binary else []:
-                try:
-                    lruns[str(g)].append(llama_bench_round(binary, g, args))
-                except RuntimeError as err:
-                    print(err)
+
+        def peer_round(g: Path, lruns: dict[str, list[dict]] = lruns) -> None:
+            try:
+                lruns[str(g)].append(llama_bench_round(binary, g, args))
+            except RuntimeError as err:
+                print(err)
+
+        turns = [e.round for e in engines]
+        turns += [lambda g=g: peer_round(g) for _, g in (ll if binary else [])]
+        for r in range(args.rounds):
+            # the order rotates every round: the first call after another engine's run is
+            # slower (its caches and threads are cold), and no engine should always pay it
+            k = r % len(turns)
+            for turn in turns[k:] + turns[:k]:
+                turn()
         rows = [e.finish(args.prompt_tokens, args.new_tokens) for e in engines]
         for lab, g in ll:
             runs = lruns[str(g)]
