@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from hubtest import folk
 
 GOOD_TOKEN = "hf_test_token_granted"
 CHATML = (
@@ -368,3 +369,10 @@ class FakeOllama(_Serving):
             if server is not None:
                 server.shutdown()
                 server.server_close()
+
+
+def pull_json(*args: str, env: dict | None = None) -> dict:
+    """``folk pull ARGS --json`` through the real CLI; its JSON report (exit 0 asserted)."""
+    proc = folk("pull", *args, "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)

@@ -12,7 +12,15 @@ from pathlib import Path
 
 import pytest
 from hubtest import assert_one_line_error, folk
-from registries import GOOD_TOKEN, FakeHub, Repo, git_sha1, tiny_folder_files, tiny_gguf
+from registries import (
+    GOOD_TOKEN,
+    FakeHub,
+    Repo,
+    git_sha1,
+    pull_json,
+    tiny_folder_files,
+    tiny_gguf,
+)
 
 from folklm.hub import api
 
@@ -37,12 +45,6 @@ def hub(home, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     yield server
     server.close()
-
-
-def pull_json(*args: str, env: dict | None = None) -> dict:
-    proc = folk("pull", *args, "--json", env=env)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
 
 
 def sha256(data: bytes) -> str:

@@ -223,95 +223,64 @@ class NativeStep:
             raise Unsupported(f"norm {type(norm).__name__}")
         return self._floats(norm.weight)
 
+    def _rows(
+        self,
+        code: int,
+        data: torch.Tensor,
+        k: int,
+        bias: torch.Tensor | None = None,
+        scale: torch.Tensor | None = None,
+        out_index: torch.Tensor | None = None,
+    ) -> _Lin:
+        """A weight whose row r starts at ``data[r]`` (blocks, codes or floats), kept alive
+        as long as the step: a replaced parameter must not leave a dangling pointer."""
+        self._keep.append(data)
+        if out_index is not None:
+            out_index = out_index.contiguous()
+            self._keep.append(out_index)
+        return _Lin(
+            type=code,
+            w=data.data_ptr(),
+            row_bytes=data.stride(0) * data.element_size(),
+            n=data.shape[0],
+            k=k,
+            out_index=None if out_index is None else out_index.data_ptr(),
+            bias=None if bias is None else self._floats(bias),
+            scale=None if scale is None else self._floats(scale),
+        )
+
+    def _dense(self, w: torch.Tensor, where: str, bias: torch.Tensor | None = None) -> _Lin:
+        if w.dtype not in _DENSE or not w.is_contiguous() or w.device.type != "cpu":
+            raise Unsupported(f"{where}: {w.dtype} weight on {w.device}")
+        self.dtypes.add(w.dtype)
+        return self._rows(_DENSE[w.dtype], w, w.shape[1], bias)
+
     def _linear(self, module: nn.Module, where: str) -> _Lin:
         if isinstance(module, GGUFLinear):
             t = module.qweight
-            out_index = t.out_index
-            if out_index is not None:
-                out_index = out_index.contiguous()
-                self._keep.append(out_index)
-            bias = None if module.bias is None else self._floats(module.bias)
-            self._keep.append(t.blocks)
-            return _Lin(
-                type=int(t.qtype),
-                w=t.blocks.data_ptr(),
-                row_bytes=t.blocks.stride(0),
-                n=t.shape[0],
-                k=t.shape[1],
-                out_index=None if out_index is None else out_index.data_ptr(),
-                bias=bias,
-            )
+            return self._rows(int(t.qtype), t.blocks, t.shape[1], module.bias, None, t.out_index)
         if isinstance(module, Int8Linear):
             q = module.qweight
             if q.shape[1] % 32 or not q.is_contiguous():
                 raise Unsupported(f"{where}: int8 rows of {q.shape[1]} weights")
-            self._keep.append(q)
-            bias = None if module.bias is None else self._floats(module.bias)
-            return _Lin(
-                type=_I8_ROWS,
-                w=q.data_ptr(),
-                row_bytes=q.stride(0),
-                n=q.shape[0],
-                k=q.shape[1],
-                bias=bias,
-                scale=self._floats(module.scales),
-            )
+            return self._rows(_I8_ROWS, q, q.shape[1], module.bias, module.scales)
         if isinstance(module, Int4Linear):
             if module.group_size % 32:
                 raise Unsupported(f"{where}: int4 groups of {module.group_size}")
-            blocks = int4_blocks(module)
-            self._keep.append(blocks)
-            return _Lin(
-                type=_I4_GROUPS,
-                w=blocks.data_ptr(),
-                row_bytes=blocks.stride(0),
-                n=module.out_features,
-                k=module.in_features,
-                bias=None if module.bias is None else self._floats(module.bias),
-            )
+            return self._rows(_I4_GROUPS, int4_blocks(module), module.in_features, module.bias)
         if type(module) is not nn.Linear:
             raise Unsupported(f"{where} is a {type(module).__name__}")
-        w = module.weight
-        if w.dtype not in _DENSE or not w.is_contiguous() or w.device.type != "cpu":
-            raise Unsupported(f"{where}: {w.dtype} weight on {w.device}")
-        self.dtypes.add(w.dtype)
-        self._keep.append(w)  # a replaced parameter must not leave a dangling pointer
-        bias = None if module.bias is None else self._floats(module.bias)
-        return _Lin(
-            type=_DENSE[w.dtype],
-            w=w.data_ptr(),
-            row_bytes=w.stride(0) * w.element_size(),
-            n=w.shape[0],
-            k=w.shape[1],
-            out_index=None,
-            bias=bias,
-        )
+        return self._dense(module.weight, where, module.bias)
 
     def _embedding(self, module: nn.Module) -> _Lin:
         if isinstance(module, GGUFEmbedding):
             t = module.qweight
             if t.order is not None:
                 raise Unsupported("row-permuted embedding")
-            self._keep.append(t.blocks)
-            return _Lin(
-                type=int(t.qtype),
-                w=t.blocks.data_ptr(),
-                row_bytes=t.blocks.stride(0),
-                n=t.shape[0],
-                k=t.shape[1],
-            )
+            return self._rows(int(t.qtype), t.blocks, t.shape[1])
         if type(module) is not nn.Embedding:
             raise Unsupported(f"embedding {type(module).__name__}")
-        w = module.weight
-        if w.dtype not in _DENSE or not w.is_contiguous():
-            raise Unsupported(f"embedding of {w.dtype}")
-        return _Lin(
-            type=_DENSE[w.dtype],
-            w=w.data_ptr(),
-            row_bytes=w.stride(0) * w.element_size(),
-            n=w.shape[0],
-            k=w.shape[1],
-        )
+        return self._dense(module.weight, "embedding")
 
     # -- running -----------------------------------------------------------------------------
     def hooked(self) -> bool:

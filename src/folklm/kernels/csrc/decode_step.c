@@ -80,29 +80,6 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
     return (uint16_t)(b >> 16);
 }
 
-static float f16_to_f32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
-    if (exp == 0) {
-        if (man == 0) {
-            bits = sign;
-        } else {
-            int e = -1;
-            do {
-                man <<= 1;
-                e++;
-            } while (!(man & 0x400));
-            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3FF) << 13);
-        }
-    } else if (exp == 31) {
-        bits = sign | 0x7F800000u | (man << 13);
-    } else {
-        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
 #ifdef STEP_AVX2
 static inline float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -120,7 +97,7 @@ static inline __m256 load8(int type, const uint8_t *w, int64_t j) {
     return _mm256_cvtph_ps(h);
 #else
     float t[8];
-    for (int i = 0; i < 8; i++) t[i] = f16_to_f32(((const uint16_t *)w)[j + i]);
+    for (int i = 0; i < 8; i++) t[i] = folk_half_to_float(((const uint16_t *)w)[j + i]);
     return _mm256_loadu_ps(t);
 #endif
 }
@@ -129,7 +106,7 @@ static inline __m256 load8(int type, const uint8_t *w, int64_t j) {
 static inline float elem(int type, const uint8_t *w, int64_t j) {
     if (type == D_F32) return ((const float *)w)[j];
     uint16_t h = ((const uint16_t *)w)[j];
-    return type == D_BF16 ? bf16_to_f32(h) : f16_to_f32(h);
+    return type == D_BF16 ? bf16_to_f32(h) : folk_half_to_float(h);
 }
 
 static float dot_dense(int type, const uint8_t *w, const float *x, int64_t k) {

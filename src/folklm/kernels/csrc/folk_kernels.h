@@ -27,4 +27,6 @@ int folk_matmul(int type, const uint8_t *w, int64_t row_bytes, int64_t n, int64_
 int folk_dequant_rows(int type, const uint8_t *w, int64_t row_bytes, int64_t k,
                       const int64_t *rows, int64_t first, int64_t count, float *out,
                       int nthreads);
+/* IEEE half-precision bits to float */
+float folk_half_to_float(uint16_t h);
 #endif

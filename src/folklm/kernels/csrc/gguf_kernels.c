@@ -66,8 +66,8 @@ enum {
 
 /* ---- float16 ------------------------------------------------------------------------ */
 
-#if !defined(__F16C__)
-static float half_to_float(uint16_t h) {
+/* IEEE half to float, bit by bit (also used by decode_step.c where F16C is missing) */
+float folk_half_to_float(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16;
     uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
     if (exp == 0) {
@@ -90,7 +90,6 @@ static float half_to_float(uint16_t h) {
     memcpy(&f, &bits, 4);
     return f;
 }
-#endif
 
 static inline float f16_at(const uint8_t *p) {
     uint16_t h;
@@ -98,7 +97,7 @@ static inline float f16_at(const uint8_t *p) {
 #if defined(__F16C__)
     return _cvtsh_ss(h);
 #else
-    return half_to_float(h);
+    return folk_half_to_float(h);
 #endif
 }
 
@@ -351,11 +350,10 @@ INL __m256 levels_f4(xrow x, int64_t b, int L) {
     return L > 1 ? _mm256_add_ps(f, _mm256_loadu_ps(x.f42 + 8 * b)) : f;
 }
 
-/* One 32-weight block of each small format: acc += scaled dot, accm += the min term. */
-INL void blk_q8_0(const uint8_t *w, xrow x, int64_t b, __m256 *acc, __m256 *accm, int L) {
-    (void)accm;
-    __m256i q = LOAD256(w + 2), u = _mm256_sign_epi8(q, q);
-    __m256 dw = _mm256_set1_ps(f16_at(w));
+/* Signed codes q (32 bytes) scaled by dw: the sign moves onto the activations so that the
+ * unsigned x signed product applies to |q|. */
+INL void signed_block(__m256i q, __m256 dw, xrow x, int64_t b, __m256 *acc, int L) {
+    __m256i u = _mm256_sign_epi8(q, q);
     for (int l = 0; l < L; l++) {
         const int8_t *xq = l ? x.q2 : x.q;
         const float *d = l ? x.d2 : x.d;
@@ -365,15 +363,15 @@ INL void blk_q8_0(const uint8_t *w, xrow x, int64_t b, __m256 *acc, __m256 *accm
     }
 }
 
+/* One 32-weight block of each small format: acc += scaled dot, accm += the min term. */
+INL void blk_q8_0(const uint8_t *w, xrow x, int64_t b, __m256 *acc, __m256 *accm, int L) {
+    (void)accm;
+    signed_block(LOAD256(w + 2), _mm256_set1_ps(f16_at(w)), x, b, acc, L);
+}
+
 INL void blk_i8r(const uint8_t *w, xrow x, int64_t b, __m256 *acc, __m256 *accm, int L) {
     (void)accm;
-    __m256i q = LOAD256(w), u = _mm256_sign_epi8(q, q);
-    for (int l = 0; l < L; l++) {
-        const int8_t *xq = l ? x.q2 : x.q;
-        const float *d = l ? x.d2 : x.d;
-        __m256i dot = udot(u, _mm256_sign_epi8(LOAD256(xq + 32 * b), q));
-        *acc = _mm256_fmadd_ps(_mm256_set1_ps(d[b]), _mm256_cvtepi32_ps(dot), *acc);
-    }
+    signed_block(LOAD256(w), _mm256_set1_ps(1.0f), x, b, acc, L);
 }
 
 INL void blk_q4_0(const uint8_t *w, xrow x, int64_t b, __m256 *acc, __m256 *accm, int L) {
