@@ -90,9 +90,11 @@ def test_int4_codes_are_q4_1_blocks_without_re_rounding(group):
     bound = (2**-11 + 2**-23) * (15 * s.abs() + m.abs()) + 2**-21
     err = (back - ours).reshape(-1, 32).abs()
     assert bool((err <= bound).all()), f"seed {seed}"
-    # Q4_0 of the same weights re-rounds them: errors 100x larger or more
+    # Q4_0 of the same weights re-rounds them: errors an order of magnitude larger or more
+    # (a full-suite run drew a seed where the ratio was 78, so 100 was not a safe floor)
     q40 = gguf.quants.dequantize(quantize_q4_0(ours.float()), Q.Q4_0)
-    assert float((torch.from_numpy(q40).double() - ours).abs().max()) > 100 * float(err.max())
+    worst = float((torch.from_numpy(q40).double() - ours).abs().max())
+    assert worst > 10 * float(err.max()), f"seed {seed}: {worst} vs {float(err.max())}"
 
 
 def test_rows_must_be_whole_blocks():
